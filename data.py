@@ -1,0 +1,140 @@
+"""Text data: WikiText-2 raw and C4 validation, from local files or `datasets`, cut into the
+windows the GPTQ/OmniQuant/ApiQ evaluation and calibration protocols use (METHOD.md §4, §6).
+
+    python data.py --ckpt smollm2-135m          # prints what is found and how many tokens
+
+Local files follow the ../shared/data layout (wikitext2_raw/wiki.{train,valid,test}.raw,
+c4/c4_validation_2k.jsonl). Which directory: --data-dir, else $APIQ_DATA_DIR, else
+../shared/data beside this repository; with none of those, `datasets` downloads the same sets.
+Note: the shared WikiText-2 train file is only its first 1018 lines (wiki.train.head1018.raw),
+so offline calibration windows are drawn from ~2.7% of the train split.
+"""
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+DATASETS = ("wikitext2", "c4")
+WIKITEXT_FILES = {"train": ("wiki.train.raw", "wiki.train.head1018.raw"),
+                  "validation": ("wiki.valid.raw",), "test": ("wiki.test.raw",)}
+
+
+def data_root(data_dir=None):
+    """The local data directory, or None (then `datasets` is used)."""
+    if data_dir or os.environ.get("APIQ_DATA_DIR"):
+        d = Path(data_dir or os.environ["APIQ_DATA_DIR"]).expanduser()
+        if not d.is_dir():
+            raise FileNotFoundError(f"data directory {d} does not exist")
+        return d
+    d = Path(__file__).resolve().parent.parent / "shared" / "data"
+    return d if d.is_dir() else None
+
+
+def wikitext2_rows(split, data_dir=None):
+    """Rows as Hugging Face's wikitext-2-raw-v1 has them: each line with its '\\n', blank lines ''."""
+    if split not in WIKITEXT_FILES:
+        raise ValueError(f"unknown WikiText-2 split {split!r}: choose from {', '.join(WIKITEXT_FILES)}")
+    root = data_root(data_dir)
+    if root is None:
+        from datasets import load_dataset
+        return load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    for name in WIKITEXT_FILES[split]:
+        f = root / "wikitext2_raw" / name
+        if f.exists():
+            lines = f.read_text(encoding="utf-8").split("\n")[:-1]  # the file ends with '\n'
+            return [line + "\n" if line.strip() else "" for line in lines]
+    raise FileNotFoundError(f"no WikiText-2 {split} file in {root / 'wikitext2_raw'}")
+
+
+def c4_docs(data_dir=None):
+    """C4 en validation documents (local: the 2000-document sample; online: shard 0)."""
+    root = data_root(data_dir)
+    if root is None:
+        from datasets import load_dataset
+        return load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                            split="validation")["text"]
+    f = root / "c4" / "c4_validation_2k.jsonl"
+    if not f.exists():
+        raise FileNotFoundError(f"no C4 validation file at {f}")
+    with open(f, encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh]
+
+
+def token_stream(tok, split="test", data_dir=None) -> torch.Tensor:
+    """WikiText-2 split as one token stream: rows joined with '\\n\\n', tokenised once (GPTQ protocol)."""
+    return torch.tensor(tok.encode("\n\n".join(wikitext2_rows(split, data_dir)), bos=True), dtype=torch.long)
+
+
+def random_doc_windows(tok, docs, n, seqlen, seed):
+    """GPTQ's C4 sampler: n times, a random document longer than seqlen, a random window of it."""
+    rng, cache = random.Random(seed), {}
+    long_enough = 0
+    out = []
+    for _ in range(n):
+        for _attempt in range(100 * len(docs)):
+            i = rng.randint(0, len(docs) - 1)
+            if i not in cache:
+                cache[i] = tok.encode(docs[i], bos=True)
+            if len(cache[i]) > seqlen:
+                long_enough += 1
+                break
+        else:
+            raise ValueError(f"no C4 document is longer than seqlen {seqlen} tokens: lower --seqlen")
+        j = rng.randint(0, len(cache[i]) - seqlen - 1)
+        out.append(torch.tensor(cache[i][j:j + seqlen]))
+    return torch.stack(out)                                                   # (n, seqlen)
+
+
+def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
+    """Evaluation windows (n, seqlen), METHOD.md §6: WikiText-2 test non-overlapping, tail dropped;
+    C4: 256 random windows, seed 0."""
+    if name == "wikitext2":
+        ids = token_stream(tok, "test", data_dir)
+        n = ids.numel() // seqlen
+        if n == 0:
+            raise ValueError(f"WikiText-2 test has {ids.numel()} tokens, fewer than seqlen {seqlen}")
+        return ids[: n * seqlen].view(n, seqlen)                              # (n, seqlen)
+    if name == "c4":
+        return random_doc_windows(tok, c4_docs(data_dir), 256, seqlen, seed=0)
+    raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS)}")
+
+
+def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", data_dir=None) -> torch.Tensor:
+    """Calibration windows (nsamples, seqlen), METHOD.md §4: WikiText-2 train joined with '\\n\\n',
+    window starts drawn with random.randint(0, N - seqlen - 1) from random.seed(seed)."""
+    if nsamples <= 0 or seqlen <= 0:
+        raise ValueError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be positive")
+    if dataset == "c4":
+        return random_doc_windows(tok, c4_docs(data_dir), nsamples, seqlen, seed)
+    if dataset != "wikitext2":
+        raise ValueError(f"unknown dataset {dataset!r}: choose from {', '.join(DATASETS)}")
+    ids = token_stream(tok, "train", data_dir)
+    if nsamples * seqlen > ids.numel():
+        raise ValueError(f"{nsamples} windows x {seqlen} tokens = {nsamples * seqlen} tokens, but the WikiText-2 "
+                         f"train text here has only {ids.numel()}: lower --nsamples or --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[i:i + seqlen] for i in starts])                   # (nsamples, seqlen)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from cli import run
+    from llama import load
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", default="smollm2-135m", help="model whose tokenizer counts the tokens")
+    p.add_argument("--data-dir", default=None, help="local data directory (../shared/data layout)")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length")
+
+    def main(a):
+        _, tok = load(a.ckpt)
+        print(f"data: {data_root(a.data_dir) or 'datasets (online)'}")
+        for split in ("train", "validation", "test"):
+            print(f"wikitext2 {split}: {token_stream(tok, split, a.data_dir).numel()} tokens")
+        print(f"c4 windows: {tuple(ppl_windows('c4', tok, a.seqlen, a.data_dir).shape)}")
+
+    run(main, p.parse_args())

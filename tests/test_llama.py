@@ -1,0 +1,203 @@
+"""llama.py: the three loaders agree, the RoPE layout is Meta's, and it matches transformers."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import llama
+from llama import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs_cis
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96,
+            norm_eps=1e-5, rope_theta=10000.0, max_seq_len=128)
+
+
+def hf_permute(w, n_heads):
+    """transformers' convert_llama_weights_to_hf permutation (Meta rows -> HF's sliced-rotary rows)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY))
+    for p in model.parameters():  # norms away from 1 so a swapped norm would show
+        torch.nn.init.normal_(p, std=0.2 if p.ndim == 2 else 1.0)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def tokens():
+    return torch.randint(0, TINY["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+
+
+def save_meta(sd, d, shards=1):
+    d.mkdir()
+        # Meta states no FFN width: 2/3 * 4 * 64 = 170, * 0.5 = 85, rounded up to 32 -> 96
+    (d / "params.json").write_text(json.dumps({k: TINY[k] for k in TINY if k != "hidden_dim"} |
+                                              {"multiple_of": 32, "ffn_dim_multiplier": 0.5}))
+    cat1 = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")
+    for s in range(shards):  # model-parallel split as Meta's 13B/70B files are
+        part = {}
+        for k, v in sd.items():
+            if k.endswith("norm.weight"):
+                part[k] = v
+            else:
+                part[k] = v.chunk(shards, dim=1 if k.endswith(cat1) else 0)[s].clone()
+        torch.save(part, d / f"consolidated.{s:02d}.pth")
+
+
+def save_hf(sd, d):
+    from safetensors.torch import save_file
+    d.mkdir()
+    inv = {}
+    for hf_key, meta_key in llama.HF_NAMES.items():
+        for i in range(TINY["n_layers"]):
+            inv[meta_key.format(i)] = hf_key.format(i)
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attention.wq.weight"):
+            v = hf_permute(v, TINY["n_heads"])
+        elif k.endswith("attention.wk.weight"):
+            v = hf_permute(v, TINY["n_kv_heads"])
+        out[inv[k]] = v.contiguous()
+    save_file(out, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": TINY["dim"],
+        "num_hidden_layers": TINY["n_layers"], "num_attention_heads": TINY["n_heads"],
+        "num_key_value_heads": TINY["n_kv_heads"], "vocab_size": TINY["vocab_size"],
+        "intermediate_size": TINY["hidden_dim"], "rms_norm_eps": TINY["norm_eps"],
+        "rope_theta": TINY["rope_theta"], "max_position_embeddings": TINY["max_seq_len"],
+        "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32"}))
+
+
+def save_gguf(sd, f):
+    import gguf
+    w = gguf.GGUFWriter(str(f), "llama")
+    w.add_block_count(TINY["n_layers"])
+    w.add_context_length(TINY["max_seq_len"])
+    w.add_embedding_length(TINY["dim"])
+    w.add_feed_forward_length(TINY["hidden_dim"])
+    w.add_head_count(TINY["n_heads"])
+    w.add_head_count_kv(TINY["n_kv_heads"])
+    w.add_rope_freq_base(TINY["rope_theta"])
+    w.add_layer_norm_rms_eps(TINY["norm_eps"])
+    w.add_vocab_size(TINY["vocab_size"])
+    inv = {}
+    for g, m in llama.GGUF_NAMES.items():
+        for i in range(TINY["n_layers"]):
+            inv[m.format(i)] = g.format(i)
+    for k, v in sd.items():  # GGUF keeps Meta's q/k row order: no permutation
+        w.add_tensor(inv[k], v.numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_three_loaders_give_identical_logits(tiny, tmp_path):
+    model, sd = tiny
+    x = tokens()
+    with torch.no_grad():
+        ref = model(x)
+    save_meta(sd, tmp_path / "meta")
+    save_meta(sd, tmp_path / "meta2", shards=2)
+    save_hf(sd, tmp_path / "hf")
+    save_gguf(sd, tmp_path / "tiny.gguf")
+    from gguf import GGUFReader
+    built = {
+        "meta": llama.meta_state_dict(tmp_path / "meta"),
+        "meta, 2 shards": llama.meta_state_dict(tmp_path / "meta2"),
+        "hf": llama.hf_state_dict(tmp_path / "hf"),
+        "gguf": llama.gguf_state_dict(GGUFReader(str(tmp_path / "tiny.gguf")), "tiny.gguf"),
+    }
+    for name, (args, state) in built.items():
+        assert (args.dim, args.n_kv_heads, args.hidden_dim) == (64, 2, 96), name
+        with torch.no_grad():
+            out = llama.build(args, state)(x)
+        assert torch.equal(out, ref), name
+
+
+def test_hf_loader_matches_transformers(tiny, tmp_path):
+    """An independent implementation (transformers) on the same HF files gives the same logits."""
+    transformers = pytest.importorskip("transformers")
+    _, sd = tiny
+    save_hf(sd, tmp_path / "hf")
+    ref_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ours = llama.build(*llama.hf_state_dict(tmp_path / "hf")).eval()
+    x = tokens()
+    with torch.no_grad():
+        diff = (ours(x) - ref_model(x).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_hf_unpermute_inverts_permute_and_rope_layouts_agree():
+    """Meta's adjacent-pair RoPE on Meta rows == HF's rotate-half RoPE on HF-permuted rows."""
+    torch.manual_seed(0)
+    n_heads, hd, T = 3, 8, 5
+    w = torch.randn(n_heads * hd, 12)
+    assert torch.equal(llama.hf_unpermute(hf_permute(w, n_heads), n_heads), w)
+    x = torch.randn(1, T, 12)
+    q_meta = (x @ w.T).view(1, T, n_heads, hd)
+    q_hf = (x @ hf_permute(w, n_heads).T).view(1, T, n_heads, hd)
+    freqs = precompute_freqs_cis(hd, T, 10000.0)
+    rot_meta, _ = apply_rotary_emb(q_meta, q_meta, freqs)
+    # transformers' formula, written out: x * cos + rotate_half(x) * sin, angles repeated in halves
+    ang = torch.cat([freqs.angle(), freqs.angle()], -1)[None, :, None, :]  # (1, T, 1, hd)
+    half = torch.cat([-q_hf[..., hd // 2:], q_hf[..., : hd // 2]], -1)
+    rot_hf = q_hf * ang.cos() + half * ang.sin()
+    # the HF result is the Meta result with each head's rows in HF order
+    assert torch.allclose(hf_permute(rot_meta.reshape(T, -1).T, n_heads).T.reshape(rot_hf.shape), rot_hf, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    hd = 16
+    q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
+    freqs = precompute_freqs_cis(hd, 64, 10000.0)
+
+    def score(m, n):
+        rq, _ = apply_rotary_emb(q, q, freqs[m:m + 1])
+        rk, _ = apply_rotary_emb(k, k, freqs[n:n + 1])
+        return (rq * rk).sum().item()
+
+    assert abs(score(7, 3) - score(40, 36)) < 1e-4
+    assert abs(score(7, 3) - score(7, 4)) > 1e-3
+
+
+def test_smollm2_matches_transformers_gguf_loader(smollm2, smollm2_gguf):
+    """transformers dequantizes the same GGUF itself and runs its own Llama: logits within 1e-3."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    model, _ = smollm2
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                            dtype=torch.float32).eval()
+    x = torch.randint(0, 49152, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(x) - ref(x).logits).abs().max().item()
+    assert diff < 1e-3
+    assert model.output.weight is model.tok_embeddings.weight  # tied, as SmolLM2 ships it
+
+
+def test_smollm2_answers_a_simple_question(smollm2):
+    from evaluate import generate
+    model, tok = smollm2
+    assert "Paris" in generate(model, tok, "The capital of France is", max_new_tokens=8)
+
+
+def test_bad_checkpoints_fail_with_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    nollama = tmp_path / "other.gguf"
+    import gguf
+    w = gguf.GGUFWriter(str(nollama), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    for ckpt, words in [(str(bad), "not a readable GGUF"), (str(nollama), "architecture is 'gpt2'"),
+                        ("llama2-7b-missing", "not found"), (str(tmp_path), "not a checkpoint")]:
+        r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", ckpt, "--ppl", ""], capture_output=True,
+                           text=True, cwd=llama.Path(llama.__file__).parent)
+        assert r.returncode == 2, r.stderr
+        assert words in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
