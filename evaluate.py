@@ -1,6 +1,7 @@
 """Evaluation (METHOD.md §6): perplexity with the GPTQ/OmniQuant protocol, and greedy generation.
 
     python evaluate.py --ckpt smollm2-135m --ppl wikitext2,c4 --json out/fp.json
+    python evaluate.py --method loftq --bits 2 --save out/smollm2-loftq-w2    # a baseline (§3)
     python evaluate.py --ckpt smollm2-135m --prompt "The capital of France is"
 
 Perplexity: the WikiText-2 test rows joined with "\\n\\n" are tokenised as one stream and cut into
@@ -68,8 +69,11 @@ def parse_list(s, allowed, what):
 
 
 def main(a):
-    from cli import write_json
+    from cli import check_writable, write_json
     from llama import load
+    from lora import quant_linears
+    from qmodel import quantize_model, save_quantized
+    from quant import validate
 
     t0 = time.time()
     datasets = parse_list(a.ppl, DATASETS, "dataset") if a.ppl else []
@@ -77,12 +81,27 @@ def main(a):
         raise ValueError("--seqlen and --limit must be positive")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     torch.set_num_threads(a.threads) if a.threads else None
+    if a.method != "fp":
+        validate(a.bits, a.group_size, a.group_size)
+    if a.save and a.method == "fp":
+        raise ValueError("--save needs a quantization --method (rtn, qlora, loftq)")
+    if a.save:
+        check_writable(a.save)
     model, tok = load(a.ckpt, device=a.device, dtype=dtype)
     if a.seqlen > model.args.max_seq_len:
         raise ValueError(f"--seqlen {a.seqlen} is beyond the model's context of {model.args.max_seq_len} tokens")
     config = {k: v for k, v in vars(a).items()}
     print("config:", config)
     results = {"ppl": {}, "config": config}
+    if a.method != "fp":
+        if any(True for _ in quant_linears(model)):
+            raise ValueError(f"{a.ckpt} is already quantized: evaluate it with --method fp")
+        t = time.time()
+        quantize_model(model, a.method, a.bits, a.group_size, a.rank, a.alpha, a.loftq_iters)
+        results["quantize_seconds"] = round(time.time() - t, 2)
+        if a.save:
+            save_quantized(model, tok, a.save, {"method": a.method, "source": a.ckpt, "made_by": config})
+            print(f"saved {a.method} w{a.bits}g{a.group_size} model to {a.save}")
     for name in datasets:
         windows = ppl_windows(name, tok, a.seqlen, a.data_dir)
         if a.limit:
@@ -118,6 +137,14 @@ if __name__ == "__main__":
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows of each dataset")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--method", default="fp", choices=["fp", "rtn", "qlora", "loftq"],
+                   help="fp = the checkpoint as it is; else quantize it first with this baseline init")
+    p.add_argument("--bits", type=int, default=2, help="weight bits for --method (1..8)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size (input columns)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank r for qlora/loftq")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
+    p.add_argument("--loftq-iters", type=int, default=5, help="LoftQ alternating steps T")
+    p.add_argument("--save", default=None, help="save the quantized model to this directory (apiq format)")
     p.add_argument("--prompt", default=None, help="greedily continue this text and print it")
     p.add_argument("--max-new-tokens", type=int, default=32, help="length of the generated continuation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")

@@ -374,7 +374,7 @@ def load(ckpt: str = "smollm2-135m", device="cpu", dtype=torch.float32):
     """(model, tokenizer) from a name or path; see resolve_ckpt. Evaluation mode, no gradients on weights."""
     path = resolve_ckpt(str(ckpt))
     if path.is_dir() and (path / "apiq.json").exists():
-        from quant import load_quantized   # a model saved by this project (packed low-bit codes + LoRA)
+        from qmodel import load_quantized  # a model saved by this project (packed low-bit codes + LoRA)
         model, tok = load_quantized(path, device=device, dtype=dtype)
     elif path.is_file():
         from gguf import GGUFReader

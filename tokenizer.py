@@ -81,7 +81,8 @@ class Llama3Tokenizer:
     MAX_RUN = 25_000  # Meta's MAX_NO_WHITESPACES_CHARS
 
     def __init__(self, path):
-        ranks = load_tiktoken_bpe(_check_file(path))
+        self.path = _check_file(path)
+        ranks = load_tiktoken_bpe(self.path)
         self.special_tokens = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL)}
         self.model = tiktoken.Encoding(os.path.basename(str(path)), pat_str=LLAMA3_PAT,
                                        mergeable_ranks=ranks, special_tokens=self.special_tokens)
@@ -130,6 +131,9 @@ class GGUFTokenizer:
 
     def __init__(self, tokens: list[str], token_types: list[int], merges: list[str], pre: str,
                  bos_id: int | None = None, eos_id: int | None = None, add_bos: bool = False):
+        # what a saved quantized model needs to rebuild this tokenizer without the GGUF file
+        self.spec = dict(tokens=tokens, token_types=token_types, merges=merges, pre=pre,
+                         bos_id=bos_id, eos_id=eos_id, add_bos=add_bos)
         if pre not in GGUF_PRE_PATTERNS:
             raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(GGUF_PRE_PATTERNS)})")
         b2u = _bytes_to_unicode()
