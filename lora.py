@@ -64,8 +64,10 @@ class QuantLinear(nn.Module):
             self.register_parameter(name, nn.Parameter(logits) if clip else None)
         if A is None:
             A, B = lora_init(out_features, in_features, rank, device=weight.device)
-        self.A = nn.Parameter(A.detach().float().clone())
-        self.B = nn.Parameter(B.detach().float().clone())
+        # row-major copies: an SVD factor is often a strided view, and a strided weight takes a
+        # different GEMM path whose rounding differs from the reloaded (contiguous) model's
+        self.A = nn.Parameter(A.detach().float().clone(memory_format=torch.contiguous_format))
+        self.B = nn.Parameter(B.detach().float().clone(memory_format=torch.contiguous_format))
         self.register_buffer("w_hat", None, persistent=False)  # Q(W) cached by freeze()
         self._stamp = None
 

@@ -151,8 +151,11 @@ def load_quantized(path, device="cpu", dtype=torch.float32):
         model = Transformer(args)
     for name, spec in cfg["linears"].items():
         out_f, in_f = spec["shape"]
-        mod = model.layers.get_submodule(name.removeprefix("layers."))
-        if (mod.out_features, mod.in_features) != (out_f, in_f) or f"{name}.qweight" not in t:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            mod = None
+        if mod is None or (mod.out_features, mod.in_features) != (out_f, in_f) or f"{name}.qweight" not in t:
             raise ValueError(f"{path}: {name} does not fit this model; the directory was made for another model")
         codes = unpack(t[f"{name}.qweight"], spec["bits"], (out_f, in_f))
         w_hat = dequantize(codes, t[f"{name}.scale"], t[f"{name}.zero"].float(), spec["group_size"])
