@@ -12,7 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+# bad input, and a calibration whose loss diverged twice: a clear line, not a traceback
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
 
 
 def run(main, *args):
@@ -38,6 +39,9 @@ def atomic_write(path, data, mode="w"):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

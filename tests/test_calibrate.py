@@ -1,0 +1,145 @@
+"""calibrate.py: ApiQ-bw beats the QLoRA and LoftQ inits on a block's output, a killed run resumes
+to the identical result, and a real SmolLM2 block calibrates."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+import calibrate
+from lora import loftq_linear, qlora_linear, swap_linears
+from llama import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def args(**kw):
+    a = dict(bits=2, group_size=32, rank=8, alpha=16.0, method="bw", epochs=10, seed=0,
+             lr_clip=5e-3, lr_lora=5e-4, wd=0.1, aug_loss=True)
+    return Namespace(**(a | kw))
+
+
+def block_error(block, X, Y, freqs):
+    return calibrate.block_mse(block, X, Y, freqs, "cpu", nullcontext())
+
+
+@pytest.mark.parametrize("method", ["bw", "lw"])
+def test_apiq_block_error_far_below_qlora_and_loftq(method):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128))
+    model.requires_grad_(False)
+    fp = model.layers[0]
+    X = torch.randn(8, 32, 64)                                            # (n, T, dim)
+    freqs = model.freqs_cis(32, "cpu")
+    Y = calibrate.run_block(fp, X, freqs, "cpu", nullcontext(), X.dtype)
+    qlora = copy.deepcopy(fp)
+    swap_linears(qlora, lambda lin: qlora_linear(lin, 2, 32, 8))
+    loftq = copy.deepcopy(fp)
+    swap_linears(loftq, lambda lin: loftq_linear(lin, 2, 32, 8, iters=5))
+    a = args(method=method, epochs=20 if method == "bw" else 10, lr_clip=1e-2, lr_lora=2e-3)
+    apiq, _ = calibrate.calibrate_block(0, fp, X, X, Y, None, freqs, a, "cpu", nullcontext())
+    errs = {name: block_error(b, X, Y, freqs) for name, b in [("qlora", qlora), ("loftq", loftq), ("apiq", apiq)]}
+    assert errs["loftq"] < errs["qlora"], errs
+    # bw trains the whole block against its output; lw only each linear against its own output
+    assert errs["apiq"] < (0.5 if method == "bw" else 1.0) * errs["loftq"], errs
+
+
+def test_nan_loss_retries_then_stops_with_a_clear_message():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=256, hidden_dim=128))
+    model.requires_grad_(False)
+    X = torch.randn(2, 8, 64)
+    Y = torch.full_like(X, float("nan"))
+    freqs = model.freqs_cis(8, "cpu")
+    with pytest.raises(FloatingPointError, match="block 3: the loss became NaN/inf twice"):
+        calibrate.calibrate_block(3, model.layers[0], X, X, Y, None, freqs, args(epochs=1), "cpu", nullcontext())
+
+
+def test_real_smollm2_first_blocks_calibrate(smollm2, data_dir):
+    """Two real blocks, 4 windows of 64 tokens of WikiText-2 train: the error falls well below
+    the initial (RTN-like) error, and block 1 sees block 0's quantized output."""
+    from data import calib_windows
+    model, tok = smollm2
+    tokens = calib_windows(tok, 4, 64, seed=0, data_dir=data_dir)
+    freqs = model.freqs_cis(64, "cpu")
+    ctx = nullcontext()
+    with torch.no_grad():
+        X = model.tok_embeddings(tokens)
+    Xq = X
+    a = args(group_size=64, rank=16, epochs=4)
+    for l in range(2):
+        fp = model.layers[l]
+        Y = calibrate.run_block(fp, X, freqs, "cpu", ctx, X.dtype)
+        before = block_error(calibrate.quant_block(fp, a, l), Xq, Y, freqs)
+        qb, retries = calibrate.calibrate_block(l, fp, X, Xq, Y, Y, freqs, a, "cpu", ctx)
+        after = block_error(qb, Xq, Y, freqs)
+        assert retries == 0 and after < 0.8 * before, (l, before, after)
+        X, Xq = Y, calibrate.run_block(qb, Xq, freqs, "cpu", ctx, X.dtype)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, data_dir):
+    """A 4-block random Llama in Meta's format with the real Llama-2 tokenizer beside it."""
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    d.mkdir()
+    torch.manual_seed(0)
+    params = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32,
+                  norm_eps=1e-5, max_seq_len=256)
+    model = Transformer(ModelArgs(**params))
+    torch.save(model.state_dict(), d / "consolidated.00.pth")
+    (d / "params.json").write_text(json.dumps(params))
+    os.symlink(data_dir / "tokenizers" / "llama2" / "tokenizer.model", d / "tokenizer.model")
+    return d
+
+
+def calib_cmd(ckpt, out, *extra):
+    return [sys.executable, "calibrate.py", "--ckpt", str(ckpt), "--out", str(out), "--nsamples", "4",
+            "--seqlen", "64", "--epochs", "6", "--group-size", "32", "--rank", "8", "--threads", "1", *extra]
+
+
+def test_killed_run_resumes_to_the_identical_result(tiny_ckpt, tmp_path):
+    whole = subprocess.run(calib_cmd(tiny_ckpt, tmp_path / "whole"), cwd=ROOT, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    p = subprocess.Popen(calib_cmd(tiny_ckpt, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:  # kill -9 once two blocks are done
+        if (out / "progress.json").exists() and len(json.loads((out / "progress.json").read_text())["blocks"]) >= 2:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL and not (out / "apiq.json").exists()
+    resumed = subprocess.run(calib_cmd(tiny_ckpt, out), cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    # a finished directory is never overwritten, and other settings cannot resume a run
+    again = subprocess.run(calib_cmd(tiny_ckpt, out), cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a finished model" in again.stderr
+    (out / "apiq.json").rename(out / "apiq.json.bak")
+    (out / "progress.json").write_text(json.dumps({"config": {"bits": 3}, "blocks": []}))
+    other = subprocess.run(calib_cmd(tiny_ckpt, out), cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode == 2 and "other settings" in other.stderr and "Traceback" not in other.stderr
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--bits", "0"], "bits must be an integer in 1..8"),
+    (["--bits", "9"], "bits must be an integer in 1..8"),
+    (["--group-size", "48"], "does not divide"),
+    (["--nsamples", "100000"], "lower --nsamples or --seqlen"),
+    (["--out", "/proc/apiq-cannot-write"], "cannot write"),
+])
+def test_bad_input_one_line(tiny_ckpt, tmp_path, extra, words):
+    cmd = calib_cmd(tiny_ckpt, tmp_path / "o")
+    for i in range(0, len(extra), 2):  # later flags win in argparse
+        cmd += extra[i:i + 2]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
