@@ -210,6 +210,18 @@ def start_or_resume(out: Path, config: dict, resume: bool) -> list:
     return blocks
 
 
+def keep_light(qb, src):
+    """The calibrated block as held until the final save: its QuantLinear point back at the
+    checkpoint's own weights (mmap'd, original dtype) instead of the fp32 working copies, and
+    cache no Q(W), so the host never holds a second full copy of the model. export() quantizes
+    in fp32 from these same values, so the saved codes are unchanged."""
+    qb = qb.cpu()
+    for name, m in quant_linears(qb):
+        m.weight = src.get_submodule(name).weight.detach()
+        m.w_hat, m._stamp = None, None
+    return qb
+
+
 QUICK = dict(nsamples=32, seqlen=256, epochs=2)  # the CPU demo (README); the paper: 128 x 2048, 20 epochs
 
 
@@ -240,7 +252,9 @@ def main(a):
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    model, tok = load(a.ckpt, device="cpu", dtype=dtype)  # weights stay on the host (mmap where possible)
+    # the checkpoint stays on the host in its own dtype (mmap'd where the format allows): only
+    # the block being calibrated is copied, converted and moved to the device
+    model, tok = load(a.ckpt, device="cpu", dtype=None)
     if any(True for _ in quant_linears(model)):
         raise ValueError(f"{a.ckpt} is already quantized: calibrate the full-precision checkpoint")
     check_linears(model, a.group_size)
@@ -259,7 +273,7 @@ def main(a):
     ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
     freqs = model.freqs_cis(a.seqlen, device)
     with torch.no_grad():
-        X = model.tok_embeddings(tokens).to(cache)                                  # (n, T, dim)
+        X = model.tok_embeddings(tokens).to(device=cache, dtype=dtype)             # (n, T, dim)
     if cache.type == "cpu" and device.type == "cuda":
         X = X.pin_memory()
     Xq = X                                   # step 1: X = X^q = embeddings
@@ -269,7 +283,7 @@ def main(a):
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        fp_block = model.layers[l].to(device)
+        fp_block = copy.deepcopy(model.layers[l]).to(device=device, dtype=dtype)
         Y = run_block(fp_block, X, freqs, device, ctx, X.dtype)                    # step 2: targets F(W, X)
         if l < len(done):                    # finished in an earlier run: replay it
             qb = load_block(out, l, quant_block(fp_block, a, a.seed + l).to(device))
@@ -286,16 +300,20 @@ def main(a):
                    "weight_error": block_stats(qb, fp_block), "retries": retries,
                    "seconds": round(time.time() - t0, 2), "peak_gib": round(peak_memory_gib(device), 3)}
             if penalty is not None:
-                log.update(penalty.report(qb, l))
+                log.update(penalty.report(qb, l, mse_after))
             save_block(out, l, qb)
             logs.append(log)
             write_json(out / "progress.json", {"config": config, "blocks": logs})
             tqdm.write(f"block {l:2d}/{model.args.n_layers}: mse {mse_before:.4g} -> {mse_after:.4g} "
                        f"(rel {log['rel_before']:.3%} -> {log['rel_after']:.3%}), {log['seconds']:.1f} s, "
-                       f"peak {log['peak_gib']:.2f} GiB" + (f", retried {retries}x" if retries else ""))
-        model.layers[l] = qb.cpu()            # step 4: freeze, X <- Y, X^q <- F_q(X^q)
-        fp_block.cpu()
+                       f"peak {log['peak_gib']:.2f} GiB" + (f", retried {retries}x" if retries else "")
+                       + (f", penalty {log['penalty']:.4g} ({log['penalty_over_mse']:.3g} x mse)" if penalty else ""))
+        model.layers[l] = keep_light(qb, model.layers[l])  # step 4: freeze, X <- Y, X^q <- F_q(X^q)
+        del fp_block, qb
         X, Xq = Y, Xq_next
+        if a.stop_after and l + 1 - len(done) >= a.stop_after and l + 1 < model.args.n_layers:
+            print(f"stopped after {a.stop_after} block(s) as asked; the same command continues from block {l + 1}")
+            return out
     seconds = time.time() - t_all
     write_json(out / "calib_log.json", {"config": config, "blocks": logs})
     save_quantized(model, tok, out, {"method": f"apiq-{a.method}", "source": a.ckpt, "made_by": config,
@@ -338,6 +356,7 @@ if __name__ == "__main__":
     p.add_argument("--weight-penalty", type=float, default=0.0, help="naive unweighted penalty (alpha_i = 1) strength")
     p.add_argument("--out", default=None, help="output directory (default out/<ckpt>-apiq-<method>-w<bits>g<group>)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out (also automatic)")
+    p.add_argument("--stop-after", type=int, default=None, help="calibrate this many blocks, then stop (continue later)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32" if not torch.cuda.is_available() else "bf16",
                    choices=["fp32", "bf16", "fp16"], help="weights and cached activations (CPU: fp32)")

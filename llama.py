@@ -316,10 +316,12 @@ def gguf_state_dict(reader, path):
 
 
 def build(args: ModelArgs, sd: dict, dtype=torch.float32, device="cpu", strict=True) -> Transformer:
-    """Meta device build + assign: no random init, no second copy of the weights."""
+    """Meta device build + assign: no random init, no second copy of the weights. dtype=None
+    keeps the checkpoint's own dtype (and its mmap'd storage)."""
     with torch.device("meta"):
         model = Transformer(args)
-    sd = {k: v.to(dtype) for k, v in sd.items()}
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
     if "output.weight" not in sd:   # tied embeddings (SmolLM2, Llama-3.2-1B)
         sd["output.weight"] = sd["tok_embeddings.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
@@ -377,7 +379,8 @@ def find_tokenizer(path: Path):
 
 
 def load(ckpt: str = "smollm2-135m", device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a name or path; see resolve_ckpt. Evaluation mode, no gradients on weights."""
+    """(model, tokenizer) from a name or path; see resolve_ckpt. Evaluation mode, no gradients on
+    weights. dtype=None keeps the stored dtype, lazily (GGUF: fp32, dequantized)."""
     path = resolve_ckpt(str(ckpt))
     if path.is_dir() and (path / "apiq.json").exists():
         from qmodel import load_quantized  # a model saved by this project (packed low-bit codes + LoRA)

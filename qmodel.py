@@ -45,7 +45,7 @@ def round_kept_params(model):
     dt = keep_dtype(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if is_kept(name):
+            if is_kept(name) and p.dtype != dt:
                 p.copy_(p.to(dt))
     return model
 
@@ -164,7 +164,7 @@ def load_quantized(path, device="cpu", dtype=torch.float32):
         q.w_hat, q._stamp = w_hat, q._versions()  # Q(W) is what was stored: never re-quantize it
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
-    rest = {k: v.to(dtype) for k, v in t.items() if is_kept(k)}
+    rest = {k: v if dtype is None else v.to(dtype) for k, v in t.items() if is_kept(k)}
     if cfg["tied_embeddings"]:
         rest["output.weight"] = rest["tok_embeddings.weight"]
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
