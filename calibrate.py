@@ -47,7 +47,11 @@ def peak_memory_gib(device) -> float:
 @torch.no_grad()
 def run_block(block, X, freqs, device, ctx, out_dtype):
     """block(X[i]) for every sample, one at a time (batch size 1, as in training)."""
-    return torch.stack([block(X[i:i + 1].to(device), freqs)[0].to(out_dtype) for i in range(len(X))]).to(X.device)
+    outs = []
+    for i in range(len(X)):
+        with ctx:
+            outs.append(block(X[i:i + 1].to(device), freqs)[0].to(device=X.device, dtype=out_dtype))
+    return torch.stack(outs)                                                     # (n, T, dim)
 
 
 @torch.no_grad()
