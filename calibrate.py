@@ -252,7 +252,6 @@ def main(a):
     config = dict(vars(a))
     done = start_or_resume(out, config, a.resume)
     print("config:", json.dumps(config))
-    write_json(out / "config.json", config)
     if a.threads:
         torch.set_num_threads(a.threads)
 
@@ -270,6 +269,8 @@ def main(a):
     if a.saliency or a.weight_penalty:
         from saliency import make_penalty
         penalty = make_penalty(a, model)
+
+    write_json(out / "config.json", config)  # after every input check: a refused run leaves nothing
 
     # activations live on the device when 4 copies fit in half its free memory, else on the host
     act_bytes = 4 * tokens.numel() * model.args.dim * dtype.itemsize

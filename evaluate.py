@@ -8,6 +8,12 @@ Perplexity: the WikiText-2 test rows joined with "\\n\\n" are tokenised as one s
 non-overlapping windows of --seqlen tokens (tail dropped); C4 is 256 random windows (seed 0).
 ppl = exp(mean next-token NLL over all windows). A quantized model directory (--ckpt DIR
 written by calibrate.py) is evaluated the same way, its LoRA unmerged.
+
+Zero-shot accuracy (--tasks, tasks.py) is scored as lm-evaluation-harness scores multiple choice:
+each option's log-likelihood sum log p(continuation | context); acc = argmax of it, acc_norm = argmax
+of it divided by the option's length in characters.
+
+    python evaluate.py --ppl '' --tasks all --json out/fp_zs.json
 """
 import math
 import time
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DATASETS, ppl_windows
+from tasks import ACC_NORM, TASKS, item_requests, load_task
 
 
 @torch.no_grad()
@@ -63,6 +70,77 @@ def generate(model, tok, prompt: str, max_new_tokens=32) -> str:
     return tok.decode(ids[start:])
 
 
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's TemplateLM._encode_pair: the context's trailing whitespace moves to the continuation,
+    then context + continuation is encoded whole and split after the context's own tokens, so a
+    tokenizer that would encode the continuation differently alone (SentencePiece's dummy-prefix "▁")
+    scores the tokens the harness scores. BOS as the tokenizer adds it (`bos=True`, the model's
+    convention): the harness delegates BOS to the tokenizer since PR #3347 (Oct 2025); its earlier
+    versions, which the papers' numbers come from, never added one for Llama."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = tok.encode(context, bos=True)
+    cont = tok.encode(context + continuation, bos=True)[len(ctx):]
+    if not ctx:  # empty context: the harness conditions on its prefix token instead
+        ctx = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    return ctx, cont
+
+
+@torch.no_grad()
+def loglikelihoods(model, tok, requests, batch_size=1, desc="loglik") -> list[float]:
+    """sum log p(continuation | context) for each (context, continuation) pair, as lm-eval's
+    _loglikelihood_tokens: the input is context + continuation less its last token, cut on the left to
+    max_seq_len, and the last len(continuation) positions score the continuation. Longest first,
+    right-padded: attention is causal, so the padding after a row never reaches its scored positions."""
+    device = next(model.parameters()).device
+    max_len = model.args.max_seq_len
+    rows = []
+    for context, continuation in requests:
+        ctx, cont = encode_pair(tok, context, continuation)
+        if not 0 < len(cont) <= max_len:
+            raise ValueError(f"continuation {continuation[:40]!r} is {len(cont)} tokens: need 1..{max_len}")
+        rows.append(((ctx + cont)[-(max_len + 1):], len(cont)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out = [0.0] * len(rows)
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[b:b + batch_size]
+        x = torch.zeros(len(idx), len(rows[idx[0]][0]) - 1, dtype=torch.long)   # (B, T), pad id 0
+        for r, i in enumerate(idx):
+            x[r, :len(rows[i][0]) - 1] = torch.tensor(rows[i][0][:-1])
+        h = model.hidden(x.to(device))                                          # (B, T, dim)
+        for r, i in enumerate(idx):
+            toks, n = rows[i]
+            end = len(toks) - 1                          # positions end-n..end-1 predict toks[-n:]
+            logits = model.output(h[r, end - n:end]).float()                    # (n, vocab)
+            out[i] = -F.cross_entropy(logits, torch.tensor(toks[-n:], device=device), reduction="sum").item()
+            if not math.isfinite(out[i]):
+                raise FloatingPointError(f"{desc}: non-finite log-likelihood for request {i}")
+    return out
+
+
+def argmax(values) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first maximum, as np.argmax
+
+
+def zero_shot(model, tok, task, items, batch_size=1) -> dict:
+    """lm-eval's multiple-choice metrics over tasks.Item's: acc = the option with the highest
+    log-likelihood is gold; acc_norm = the same after dividing by the option's length in characters
+    (lm-eval's len(choice), the choice without the " " target delimiter; not tokens, so tokenizers
+    compare). WinoGrande: acc only, as the harness reports (its options differ in context, not
+    continuation)."""
+    pairs = [item_requests(item) for item in items]
+    lls = iter(loglikelihoods(model, tok, [p for ps in pairs for p in ps], batch_size, desc=task))
+    acc = acc_norm = 0
+    for item, ps in zip(items, pairs):
+        ll = [next(lls) for _ in ps]
+        chars = [len(cont) - cont.startswith(" ") for _, cont in ps]
+        acc += argmax(ll) == item.gold
+        acc_norm += argmax([v / c for v, c in zip(ll, chars)]) == item.gold
+    n = len(items)
+    return {"acc": acc / n, "acc_norm": acc_norm / n if task in ACC_NORM else None, "n": n}
+
+
 def parse_list(s, allowed, what):
     items = [x.strip() for x in s.split(",") if x.strip()]
     for x in items:
@@ -80,8 +158,11 @@ def main(a):
 
     t0 = time.time()
     datasets = parse_list(a.ppl, DATASETS, "dataset") if a.ppl else []
+    tasks = parse_list(a.tasks, TASKS + ("all",), "task") if a.tasks else []
+    tasks = list(TASKS) if "all" in tasks else tasks
     if a.seqlen <= 0 or (a.limit is not None and a.limit <= 0):
         raise ValueError("--seqlen and --limit must be positive")
+    items = {name: load_task(name, a.data_dir)[: a.limit] for name in tasks}  # missing files fail before loading
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     torch.set_num_threads(a.threads) if a.threads else None
     if a.method != "fp":
@@ -117,6 +198,22 @@ def main(a):
         print(f"\n| {'dataset':10} | {'windows':>7} | {'ppl':>10} |\n|{'-' * 12}|{'-' * 9}|{'-' * 12}|")
         for name, ppl in results["ppl"].items():
             print(f"| {name:10} | {results['tokens'][name] // a.seqlen:7d} | {ppl:10.3f} |")
+    for name, task_items in items.items():
+        t = time.time()
+        results.setdefault("zeroshot", {})[name] = zero_shot(model, tok, name, task_items, a.batch_size)
+        results.setdefault("seconds", {})[name] = round(time.time() - t, 2)
+    if items:
+        # The average is of acc on all five tasks, acc_norm on none: the papers' full-precision
+        # LLaMA-2-7B average of 64.85 (METHOD.md §7) is the mean of lm-eval's acc for that model (about
+        # WinoGrande 69, HellaSwag 57, ARC-C 43.5, ARC-E 76, PIQA 78); with acc_norm for HellaSwag (~76)
+        # and ARC-C (~46) it would be ~69. acc_norm is still reported per task.
+        results["zeroshot_avg"] = sum(r["acc"] for r in results["zeroshot"].values()) / len(items)
+        print(f"\n| {'task':13} | {'n':>5} | {'acc':>6} | {'acc_norm':>8} |")
+        print(f"|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 10}|")
+        for name, r in results["zeroshot"].items():
+            norm = "-" if r["acc_norm"] is None else f"{100 * r['acc_norm']:.2f}"
+            print(f"| {name:13} | {r['n']:5d} | {100 * r['acc']:6.2f} | {norm:>8} |")
+        print(f"| {'average (acc)':13} | {'':5} | {100 * results['zeroshot_avg']:6.2f} | {'':8} |")
     if a.prompt:
         answer = generate(model, tok, a.prompt, a.max_new_tokens)
         results["generation"] = {"prompt": a.prompt, "answer": answer}
@@ -133,13 +230,15 @@ if __name__ == "__main__":
 
     from cli import run
 
-    p = argparse.ArgumentParser(description="Perplexity (GPTQ protocol) and generation for a Llama checkpoint.")
+    p = argparse.ArgumentParser(description="Perplexity (GPTQ protocol), zero-shot accuracy (lm-eval protocol) "
+                                "and generation for a Llama checkpoint.")
     p.add_argument("--ckpt", default="smollm2-135m", help="checkpoint name or path (see llama.resolve_ckpt)")
     p.add_argument("--ppl", default="wikitext2,c4", help="comma-separated datasets for perplexity ('' for none)")
     p.add_argument("--data-dir", default=None, help="local data directory (default $APIQ_DATA_DIR or ../shared/data)")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows of each dataset")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--tasks", default="", help=f"comma-separated zero-shot tasks ({', '.join(TASKS)}) or 'all'")
+    p.add_argument("--limit", type=int, default=None, help="only the first N windows / items of each dataset / task")
+    p.add_argument("--batch-size", type=int, default=1, help="windows, or scored options, per forward pass")
     p.add_argument("--method", default="fp", choices=["fp", "rtn", "qlora", "loftq"],
                    help="fp = the checkpoint as it is; else quantize it first with this baseline init")
     p.add_argument("--bits", type=int, default=2, help="weight bits for --method (1..8)")

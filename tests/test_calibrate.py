@@ -74,7 +74,7 @@ def test_real_smollm2_first_blocks_calibrate(smollm2, data_dir):
     with torch.no_grad():
         X = model.tok_embeddings(tokens)
     Xq = X
-    a = args(group_size=64, rank=16, epochs=4)
+    a = args(group_size=64, rank=16, epochs=8)
     for l in range(2):
         fp = model.layers[l]
         Y = calibrate.run_block(fp, X, freqs, "cpu", ctx, X.dtype)

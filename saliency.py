@@ -1,0 +1,297 @@
+"""Saliency-aware weight preservation for ApiQ (Cao & Aref 2025, arXiv 2504.13932,
+"saliency-aware partial retraining", eq. (2); METHOD.md §5): the saliency alpha of every weight
+of the seven linears of every block, and the penalty that calibrate.py adds to ApiQ's loss.
+
+    python saliency.py --ckpt smollm2-135m --out out/saliency-smollm2      # 100 x 512 WikiText-2, the paper
+    python calibrate.py --quick --saliency out/saliency-smollm2 --sal-lambda 1
+
+Saliency is SqueezeLLM's diagonal Fisher approximation, one gradient per sequence (batch 1):
+
+    alpha_i = sum_s (dL_s / dw_i)^2      L_s: mean next-token cross-entropy of the
+                                         full-precision model on calibration sequence s
+
+and block l (0-based) of ApiQ-bw then minimises
+
+    mse + lambda_l * sum_{7 linears} sum_i alpha_i (w_i - W_eff,i)^2                  eq. (2)
+    lambda_l = lambda * multiplier^l
+    W_eff = Q(W) + s B A   --sal-variant after (the paper's best): A, B feel the penalty too
+    W_eff = Q(W)           --sal-variant before: only the clipping logits gamma, beta feel it
+
+--weight-penalty X is the naive baseline of section 3.1: alpha_i = 1, lambda = X. alpha is not
+normalised (as in the public code) and tiny, so lambda needs a scale: calibrate.py logs the
+penalty and penalty / mse per block.
+
+Output: OUT/block_NNN.safetensors (keys attention.wq ... feed_forward.w2, alpha in the weight's
+shape) and OUT/saliency.json (model shape, data, time, memory, per-block stats). Every file is
+written atomically and saliency.json last: a directory without it is unfinished.
+
+Memory. A hook squares each weight's gradient into its accumulator the moment autograd has it
+and drops it, so no full set of gradients ever exists. Peak = the weights + the accumulators,
+4 bytes per linear weight (--alpha-dtype bf16: 2; bf16 rounds every partial sum, ~1% error, 3%
+at the 99th percentile, after 100 sequences) + one sequence's activations kept for backward
+(linear in seqlen; includes the fp32 logits, T x vocab x 4 bytes, a few times over).
+Measured, SmolLM2-135M, fp32, CPU, 512 tokens: 0.50 GiB of weights + 0.40 GiB of accumulators
++ ~1.2 GiB of activations = peak RSS 2.44 GiB, 4.9x the fp32 model (0.86 GiB after loading).
+Llama-2-7B, bf16, GPU: 12.6 GiB of weights + 24.1 GiB of fp32 accumulators (6.5e9 linear
+weights) + ~3 GiB at 512 tokens, ~40 GiB: an 80 GB GPU, not a 24-40 GB one. --alpha-device cpu
+keeps the accumulators in host memory instead (each squared gradient crosses PCIe, 26 GB a
+sequence) and leaves the GPU the weights and one sequence, ~16 GiB.
+"""
+import json
+import resource
+import time
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from calibrate import LINEAR_ORDER
+from lora import quant_linears
+
+FORMAT = "apiq-saliency-v1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHAPE_KEYS = ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
+
+
+class Saliency(NamedTuple):
+    alphas: list   # per block {linear name: alpha (out, in)}
+    losses: list   # L_s of every sequence
+
+
+def _accumulate(acc, p):
+    g = p.grad.float()                     # a new tensor unless the grad is fp32 already: free to square in place
+    acc.add_(g.square_().to(acc.device))   # alpha_i += (dL_s / dw_i)^2
+    p.grad = None                          # so the next sequence starts from nothing, and memory is freed now
+
+
+def compute_saliency(model, windows, device, alpha_dtype=torch.float32, alpha_device=None) -> Saliency:
+    """alpha for the seven linears of every block of `model` (already on `device`) over the
+    calibration windows (n, T), one forward and backward per window. The model's requires_grad
+    flags are restored afterwards."""
+    alpha_device = torch.device(alpha_device or device)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)            # embeddings, norms, head: no gradient needed
+    alphas, hooks = [], []
+    try:
+        for layer in model.layers:
+            block = {}
+            for name in LINEAR_ORDER:
+                w = layer.get_submodule(name).weight
+                block[name] = torch.zeros(w.shape, dtype=alpha_dtype, device=alpha_device)
+                w.requires_grad_(True)
+                hooks.append(w.register_post_accumulate_grad_hook(partial(_accumulate, block[name])))
+            alphas.append(block)
+        losses = []
+        bar = tqdm(range(len(windows)), desc="saliency", unit="seq", mininterval=1.0)
+        for s in bar:
+            tokens = windows[s:s + 1].to(device)                              # (1, T)
+            logits = model(tokens)                                             # (1, T, vocab) fp32
+            loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:])             # L_s: predict token t+1 from <= t
+            del logits
+            loss.backward()                                                    # the hooks fill alphas
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return Saliency(alphas, losses)
+
+
+def rss_gib(peak=False) -> float:
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
+
+
+def model_shape(args) -> dict:
+    return {k: getattr(args, k) for k in SHAPE_KEYS}
+
+
+def save_saliency(out, alphas, meta):
+    """Write the block files, then saliency.json with `meta` and per-block stats (atomically)."""
+    from safetensors.torch import save
+
+    from cli import atomic_write, write_json
+    out = Path(out)
+    stats = []
+    for l, block in enumerate(alphas):
+        data = save({n: a.detach().cpu().contiguous() for n, a in block.items()})  # one block's bytes
+        atomic_write(out / f"block_{l:03d}.safetensors", data, "wb")
+        total = sum(a.double().sum().item() for a in block.values())
+        count = sum(a.numel() for a in block.values())
+        stats.append({"block": l, "mean": total / count, "max": max(a.max().item() for a in block.values()),
+                      "zero_fraction": sum((a == 0).sum().item() for a in block.values()) / count,
+                      "linear_mean": {n: a.double().mean().item() for n, a in block.items()}})
+    write_json(out / "saliency.json", {"format": FORMAT, **meta, "blocks": stats})
+
+
+def load_block_saliency(path, l) -> dict:
+    """{linear name: alpha (out, in) fp32} of block l."""
+    from safetensors.torch import load_file
+    f = Path(path) / f"block_{l:03d}.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"{f} does not exist: an unfinished or foreign saliency directory")
+    return {n: a.float() for n, a in load_file(str(f)).items()}
+
+
+def check_saliency(path, model) -> dict:
+    """The saliency.json of `path`, after checking that it was computed for this model's shape."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not (path / "saliency.json").exists():
+        raise FileNotFoundError(f"--saliency {path}: no saliency.json there (not a saliency directory, or "
+                                f"saliency.py did not finish)")
+    meta = json.loads((path / "saliency.json").read_text())
+    have, want = meta.get("model", {}), model_shape(model.args)
+    diff = [f"{k} {have.get(k)} there, {v} here" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise ValueError(f"--saliency {path} was computed for another model ({meta.get('ckpt')}: "
+                         f"{', '.join(diff)}): run saliency.py on this checkpoint")
+    for l, layer in enumerate(model.layers):   # headers only: cheap
+        f = path / f"block_{l:03d}.safetensors"
+        if not f.exists():
+            raise FileNotFoundError(f"--saliency {path}: {f.name} is missing")
+        with safe_open(str(f), framework="pt") as st:
+            for name in LINEAR_ORDER:
+                shape = tuple(layer.get_submodule(name).weight.shape)
+                got = tuple(st.get_slice(name).get_shape()) if name in st.keys() else None
+                if got != shape:
+                    raise ValueError(f"--saliency {path}: {f.name} {name} has shape {got}, the model's "
+                                     f"layers.{l}.{name} has {shape}")
+    return meta
+
+
+class SaliencyPenalty:
+    """penalty(qb, l) = lambda_l * sum over qb's QuantLinear of sum_i alpha_i (w_i - W_eff,i)^2,
+    eq. (2); path None: alpha_i = 1 (the naive weight penalty). One block's alphas in memory."""
+
+    def __init__(self, path, lam, multiplier=1.0, variant="after"):
+        self.path, self.lam, self.multiplier, self.variant = path, lam, multiplier, variant
+        self._key, self._alphas = None, None
+
+    def lambda_l(self, l):
+        return self.lam * self.multiplier ** l
+
+    def alphas(self, l, device):
+        if self.path is None:
+            return None
+        if self._key != (l, device):           # calibrate.py goes block by block: load each once
+            self._alphas = None                # free the last block before loading the next
+            self._alphas = {n: a.to(device) for n, a in load_block_saliency(self.path, l).items()}
+            self._key = (l, device)
+        return self._alphas
+
+    def distance(self, qb, l):
+        """sum over the linears of sum_i alpha_i (w_i - W_eff,i)^2, an fp32 scalar tensor."""
+        total = 0.0
+        for name, m in quant_linears(qb):
+            # .weight is W itself in ApiQ's QuantLinear: the penalty pulls W_eff back to the fp weight
+            w_eff = m.merged_weight() if self.variant == "after" else m.qweight().float()
+            d2 = (m.weight.float() - w_eff).square()                          # (out, in)
+            alphas = self.alphas(l, m.weight.device)
+            total = total + (d2 if alphas is None else alphas[name] * d2).sum()     # eq. (2)
+        return total
+
+    def __call__(self, qb, l):
+        return self.lambda_l(l) * self.distance(qb, l)                        # eq. (2), second term
+
+    @torch.no_grad()
+    def report(self, qb, l, mse=None) -> dict:
+        """For the per-block log; `mse` is the block's output MSE after calibration (the loss's
+        mse term; twice that with --aug-loss), so penalty_over_mse shows the balance of eq. (2)."""
+        dist = self.distance(qb, l).item()
+        out = {"penalty": self.lambda_l(l) * dist, "lambda_l": self.lambda_l(l), "penalty_distance": dist}
+        if mse is not None:
+            out["penalty_over_mse"] = out["penalty"] / mse if mse > 0 else float("inf")
+        return out
+
+
+def make_penalty(a, model):
+    """The penalty that calibrate.py's arguments ask for, or None where it would be zero, so that
+    lambda = 0 runs plain ApiQ bit for bit."""
+    wp = a.weight_penalty or 0.0
+    if a.saliency and wp:
+        raise ValueError("--saliency and --weight-penalty are two different penalties: give only one")
+    if min(a.sal_lambda, wp, a.sal_multiplier) < 0:
+        raise ValueError("--sal-lambda, --sal-multiplier and --weight-penalty must not be negative")
+    if a.sal_variant not in ("after", "before"):
+        raise ValueError(f"--sal-variant must be 'after' or 'before', got {a.sal_variant!r}")
+    if a.saliency:
+        check_saliency(a.saliency, model)      # a wrong file is an error even where lambda is 0
+        path, lam = a.saliency, a.sal_lambda
+    else:
+        path, lam = None, wp
+    return SaliencyPenalty(path, lam, a.sal_multiplier, a.sal_variant) if lam > 0 else None
+
+
+def main(a):
+    from cli import check_writable
+    from data import calib_windows
+    from llama import load
+
+    if a.nsamples < 1 or a.seqlen < 2:
+        raise ValueError("--nsamples must be positive and --seqlen at least 2 (a next token to predict)")
+    name = Path(a.ckpt).name.removesuffix(".gguf") if Path(a.ckpt).exists() else a.ckpt
+    out = Path(a.out or f"out/saliency-{name}")
+    if (out / "saliency.json").exists():
+        raise ValueError(f"{out} already holds a finished saliency: choose another --out (nothing was overwritten)")
+    check_writable(out)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    dtype = DTYPES[a.dtype]
+    print("config:", json.dumps(vars(a)))
+    model, tok = load(a.ckpt, device=device, dtype=dtype)
+    if any(True for _ in quant_linears(model)):
+        raise ValueError(f"{a.ckpt} is quantized: saliency is taken on the full-precision checkpoint")
+    if a.seqlen > model.args.max_seq_len:
+        raise ValueError(f"--seqlen {a.seqlen} is beyond the model's context of {model.args.max_seq_len}")
+    windows = calib_windows(tok, a.nsamples, a.seqlen, a.seed, a.dataset, a.data_dir)  # (n, T)
+    rss_loaded = rss_gib()
+    t0 = time.time()
+    sal = compute_saliency(model, windows, device, DTYPES[a.alpha_dtype], a.alpha_device)
+    seconds = time.time() - t0
+    params = {id(p): p for p in model.parameters()}.values()                  # tied embeddings once
+    meta = {"ckpt": a.ckpt, "model": model_shape(model.args), "dataset": a.dataset, "nsamples": a.nsamples,
+            "seqlen": a.seqlen, "seed": a.seed, "dtype": a.dtype, "alpha_dtype": a.alpha_dtype,
+            "seconds": round(seconds, 1), "seconds_per_sequence": round(seconds / a.nsamples, 2),
+            "mean_loss": sum(sal.losses) / len(sal.losses),
+            "model_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "alpha_gib": sum(t.numel() * t.element_size() for b in sal.alphas for t in b.values()) / 2**30,
+            "rss_after_load_gib": round(rss_loaded, 3), "peak_rss_gib": round(rss_gib(peak=True), 3)}
+    if device.type == "cuda":
+        meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    save_saliency(out, sal.alphas, meta)
+    print(f"saliency of {model.args.n_layers} blocks from {a.nsamples} x {a.seqlen} tokens in {seconds:.0f} s "
+          f"({meta['seconds_per_sequence']} s a sequence, mean loss {meta['mean_loss']:.3f}); peak RSS "
+          f"{meta['peak_rss_gib']:.2f} GiB (model {meta['model_gib']:.2f}, alpha {meta['alpha_gib']:.2f}); saved {out}")
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from cli import run
+
+    p = argparse.ArgumentParser(description="Saliency (summed squared gradients) of every linear weight, for calibrate.py --saliency.")
+    p.add_argument("--ckpt", default="smollm2-135m", help="full-precision checkpoint name or path (see llama.resolve_ckpt)")
+    p.add_argument("--out", default=None, help="output directory (default out/saliency-<ckpt>)")
+    p.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "c4"], help="calibration text (paper: either)")
+    p.add_argument("--nsamples", type=int, default=100, help="sequences, one gradient each (paper: 100)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (paper: 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window sampler")
+    p.add_argument("--data-dir", default=None, help="local data directory (default $APIQ_DATA_DIR or ../shared/data)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"],
+                   help="model weights and activations (no fp16: its squared gradients underflow)")
+    p.add_argument("--alpha-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="accumulators and saved alpha (bf16 halves their memory, a few %% rounding error)")
+    p.add_argument("--alpha-device", default=None, help="where the accumulators live (default --device; cpu frees GPU memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy shared CPU, 1 can be far faster)")
+    run(main, p.parse_args())

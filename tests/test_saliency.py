@@ -1,0 +1,178 @@
+"""saliency.py: alpha is the sum of per-sequence squared gradients (checked against torch.func),
+the penalty of eq. (2) reaches the parameters its variant says, lambda_l = lambda * multiplier^l,
+lambda = 0 is plain ApiQ bit for bit, a foreign saliency is refused, and the real SmolLM2 works."""
+from argparse import Namespace
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+import calibrate
+from llama import ModelArgs, Transformer
+from saliency import (LINEAR_ORDER, SaliencyPenalty, check_saliency, compute_saliency, load_block_saliency,
+                      make_penalty, model_shape, save_saliency)
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops on a shared CPU: two intra-op threads fighting other jobs were 10x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**(TINY | kw)))
+    model.requires_grad_(False)
+    return model
+
+
+def args(**kw):
+    a = dict(bits=2, group_size=32, rank=8, alpha=16.0, method="bw", epochs=2, seed=0, lr_clip=1e-2,
+             lr_lora=2e-3, wd=0.1, aug_loss=True, saliency=None, sal_lambda=1.0, sal_multiplier=1.0,
+             sal_variant="after", weight_penalty=0.0)
+    return Namespace(**(a | kw))
+
+
+@pytest.fixture(scope="module")
+def tiny_saliency(tmp_path_factory):
+    """(model, saliency directory) for the tiny random model, 3 random sequences of 16 tokens."""
+    model = tiny()
+    tokens = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    sal = compute_saliency(model, tokens, "cpu")
+    out = tmp_path_factory.mktemp("sal")
+    save_saliency(out, sal.alphas, {"ckpt": "tiny", "model": model_shape(model.args)})
+    return model, out, sal, tokens
+
+
+def test_alpha_is_the_sum_of_per_sequence_squared_gradients(tiny_saliency):
+    model, out, sal, tokens = tiny_saliency
+    names = [f"layers.{l}.{n}.weight" for l in range(2) for n in LINEAR_ORDER]
+    params = dict(model.named_parameters())
+
+    def loss(ws, t):                                    # the same L_s, written functionally
+        logits = functional_call(model, params | ws, (t[None],))               # (1, T, vocab)
+        return F.cross_entropy(logits[0, :-1], t[1:])
+
+    ref = {n: torch.zeros_like(params[n]) for n in names}
+    for t in tokens:
+        g = grad(loss)({n: params[n] for n in names}, t)
+        for n in names:
+            ref[n] += g[n] ** 2
+    for l in range(2):
+        saved = load_block_saliency(out, l)
+        for n in LINEAR_ORDER:
+            want = ref[f"layers.{l}.{n}.weight"]
+            for got in (sal.alphas[l][n], saved[n]):
+                assert (got - want).norm() <= 1e-6 * want.norm(), (l, n)
+    assert not any(p.requires_grad or p.grad is not None for p in model.parameters())  # flags restored
+
+
+def quant_block(model, l=0):
+    qb = calibrate.quant_block(model.layers[l], args(), seed=0)
+    for _, m in calibrate.quant_linears(qb):
+        with torch.no_grad():
+            m.B.normal_(0, 0.02)                        # as after some training: with B = 0, d/dA is 0 too
+        for p in m.clip_parameters() + m.lora_parameters():
+            p.requires_grad_(True)
+    return qb
+
+
+@pytest.mark.parametrize("variant", ["after", "before"])
+def test_penalty_gradient_reaches_what_the_variant_says(tiny_saliency, variant):
+    model, out, _, _ = tiny_saliency
+    qb = quant_block(model)
+    pen = SaliencyPenalty(out, 1.0, 1.0, variant)(qb, 0)
+    mods = [m for _, m in calibrate.quant_linears(qb)]
+    lora = [p for m in mods for p in m.lora_parameters()]
+    clip = [p for m in mods for p in m.clip_parameters()]
+    grads = torch.autograd.grad(pen, lora + clip, allow_unused=True)
+    g_lora, g_clip = grads[:len(lora)], grads[len(lora):]
+    assert all(g is not None and g.abs().sum() > 0 for g in g_clip)
+    if variant == "after":
+        assert all(g is not None and g.abs().sum() > 0 for g in g_lora)
+    else:
+        assert all(g is None or torch.equal(g, torch.zeros_like(g)) for g in g_lora)
+
+
+def test_lambda_l_is_lambda_times_multiplier_to_the_l(tiny_saliency):
+    model, out, _, _ = tiny_saliency
+    qb = quant_block(model)
+    lam, mult = 0.5, 1.3
+    pen = SaliencyPenalty(out, lam, mult, "after")
+    for l in range(2):                                  # both blocks have the same shapes
+        alphas = load_block_saliency(out, l)
+        manual = sum((alphas[n] * (m.weight - m.qweight() - m.scaling * m.B @ m.A) ** 2).sum()
+                     for n, m in calibrate.quant_linears(qb))
+        assert pen.lambda_l(l) == lam * mult ** l
+        torch.testing.assert_close(pen(qb, l), lam * mult ** l * manual, rtol=1e-5, atol=0)
+    naive = make_penalty(args(weight_penalty=lam, sal_multiplier=mult, sal_variant="before"), model)
+    assert naive.path is None                           # --weight-penalty: alpha_i = 1
+    dist = sum(((m.weight - m.qweight()) ** 2).sum() for _, m in calibrate.quant_linears(qb))
+    torch.testing.assert_close(naive(qb, 3), lam * mult ** 3 * dist, rtol=1e-5, atol=0)
+    rep = pen.report(qb, 1, mse=2.0)
+    assert rep["penalty_over_mse"] == pytest.approx(rep["penalty"] / 2.0) and rep["lambda_l"] == lam * mult
+
+
+def test_lambda_zero_is_plain_apiq_bw_bit_for_bit(tiny_saliency):
+    model, out, _, _ = tiny_saliency
+    torch.manual_seed(2)
+    X = torch.randn(4, 16, 64)                                                 # (n, T, dim)
+    freqs = model.freqs_cis(16, "cpu")
+    fp = model.layers[0]
+    Y = calibrate.run_block(fp, X, freqs, "cpu", nullcontext(), X.dtype)
+
+    def trained(a):
+        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", nullcontext(), make_penalty(a, model))
+        return {k: v for k, v in qb.state_dict().items()}
+
+    assert make_penalty(args(saliency=str(out), sal_lambda=0.0), model) is None
+    plain, zero = trained(args()), trained(args(saliency=str(out), sal_lambda=0.0))
+    assert plain.keys() == zero.keys() and all(torch.equal(plain[k], zero[k]) for k in plain)
+    strong = trained(args(saliency=str(out), sal_lambda=1e6))                 # the test can see a difference
+    assert not all(torch.equal(plain[k], strong[k]) for k in plain)
+
+
+def test_foreign_or_unfinished_saliency_is_refused(tiny_saliency, tmp_path):
+    model, out, _, _ = tiny_saliency
+    check_saliency(out, model)
+    with pytest.raises(ValueError, match=r"computed for another model .*hidden_dim 96 there, 128 here"):
+        check_saliency(out, tiny(hidden_dim=128))
+    with pytest.raises(ValueError, match="computed for another model"):
+        make_penalty(args(saliency=str(out)), tiny(n_layers=3))
+    with pytest.raises(ValueError, match="give only one"):
+        make_penalty(args(saliency=str(out), weight_penalty=0.1), model)
+    with pytest.raises(FileNotFoundError, match="no saliency.json"):
+        check_saliency(tmp_path, model)
+
+
+def test_real_smollm2_saliency(smollm2, data_dir):
+    """2 windows x 64 tokens of WikiText-2 train: finite, >= 0, not all zero, and one linear equal
+    to its squared gradients taken directly."""
+    from data import calib_windows
+    model, tok = smollm2
+    windows = calib_windows(tok, 2, 64, seed=0, data_dir=data_dir)
+    sal = compute_saliency(model, windows, "cpu")
+    assert len(sal.alphas) == model.args.n_layers
+    for block in sal.alphas:
+        for a in block.values():
+            assert torch.isfinite(a).all() and (a >= 0).all()
+    assert all(any(a.max() > 0 for a in block.values()) for block in sal.alphas)
+    w = model.layers[5].attention.wk.weight
+    ref = torch.zeros_like(w)
+    w.requires_grad_(True)
+    try:
+        for t in windows:
+            loss = F.cross_entropy(model(t[None])[0, :-1], t[1:])
+            ref += torch.autograd.grad(loss, w)[0] ** 2
+    finally:
+        w.requires_grad_(False)
+    got = sal.alphas[5]["attention.wk"]
+    assert (got - ref).norm() <= 1e-5 * ref.norm()
+    assert not any(p.requires_grad for p in model.parameters())
