@@ -38,10 +38,25 @@ RESULT_KEYS = ("ckpt", "bits", "group_size", "rank", "alpha", "method", "nsample
                "sal_multiplier", "sal_variant", "weight_penalty")
 
 
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: writing 5 resets the resident high-water mark VmHWM
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
 def peak_memory_gib(device) -> float:
+    """Peak since reset_peak_memory: device memory on CUDA, resident host memory on CPU."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**20            # kB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # lifetime peak, KiB
 
 
 @torch.no_grad()
@@ -68,7 +83,7 @@ def block_mse(block, Xq, Y, freqs, device, ctx):
 def quant_block(fp_block, a, seed):
     """A copy of the block with its seven linears as QuantLinear (clipping logits 4.0, LoRA
     init seeded per block so a resumed run draws the same A)."""
-    qb = copy.deepcopy(fp_block)
+    qb = copy.deepcopy(fp_block, memo={id(p): p for p in fp_block.parameters()})  # shares W, no copy
     torch.manual_seed(seed)
     swap_linears(qb, lambda lin: QuantLinear.from_linear(lin, a.bits, a.group_size, a.rank, a.alpha, clip=True))
     return qb
@@ -223,6 +238,8 @@ def keep_light(qb, src):
     for name, m in quant_linears(qb):
         m.weight = src.get_submodule(name).weight.detach()
         m.w_hat, m._stamp = None, None
+        for p in m.clip_parameters() + m.lora_parameters():
+            p.grad = None
     return qb
 
 
@@ -286,8 +303,7 @@ def main(a):
     t_all = time.time()
     for l in range(model.args.n_layers):
         t0 = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(device)
         fp_block = copy.deepcopy(model.layers[l]).to(device=device, dtype=dtype)
         Y = run_block(fp_block, X, freqs, device, ctx, X.dtype)                    # step 2: targets F(W, X)
         if l < len(done):                    # finished in an earlier run: replay it
