@@ -96,6 +96,8 @@ def train(qb, modules, loss_fn, n, a, desc, lr_scale=1.0):
     lora = [p for m in modules for p in m.lora_parameters()]
     opt = torch.optim.AdamW([{"params": clip, "lr": a.lr_clip * lr_scale},
                              {"params": lora, "lr": a.lr_lora * lr_scale}], weight_decay=a.wd)
+    for p in clip + lora:  # ApiQ-lw: a later linear may hold gradients from earlier penalty terms
+        p.grad = None
     bar = tqdm(total=a.epochs * n, desc=desc, unit="step", leave=False, mininterval=1.0)
     for epoch in range(a.epochs):
         for i in range(n):

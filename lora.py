@@ -69,6 +69,7 @@ class QuantLinear(nn.Module):
         self.A = nn.Parameter(A.detach().float().clone(memory_format=torch.contiguous_format))
         self.B = nn.Parameter(B.detach().float().clone(memory_format=torch.contiguous_format))
         self.register_buffer("w_hat", None, persistent=False)  # Q(W) cached by freeze()
+        self.last_qweight = None  # Q(W) of the last training forward, still in the autograd graph
         self._stamp = None
 
     @classmethod
@@ -106,6 +107,7 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             self.w_hat = self.qweight()
         self._stamp = self._versions()
+        self.last_qweight = None
 
     def unfreeze(self):
         for p in self.clip_parameters():
@@ -115,6 +117,8 @@ class QuantLinear(nn.Module):
     def forward(self, x):
         if self.w_hat is None:
             w = self.qweight()
+            if torch.is_grad_enabled():  # a training step: saliency's penalty reuses this Q(W)
+                self.last_qweight = w
         else:
             if self._versions() != self._stamp:  # W, gamma or beta changed since freeze()
                 self.freeze()

@@ -187,20 +187,23 @@ class SaliencyPenalty:
             self._key = (l, device)
         return self._alphas
 
-    def distance(self, qb, l):
-        """sum over the linears of sum_i alpha_i (w_i - W_eff,i)^2, an fp32 scalar tensor."""
+    def distance(self, qb, l, reuse=False):
+        """sum over the linears of sum_i alpha_i (w_i - W_eff,i)^2, an fp32 scalar tensor.
+        reuse: take Q(W) from this training step's forward instead of quantizing W again."""
         total = 0.0
         for name, m in quant_linears(qb):
+            q = m.last_qweight if reuse and m.last_qweight is not None else m.qweight()
             # .weight is W itself in ApiQ's QuantLinear: the penalty pulls W_eff back to the fp weight
-            w_eff = m.merged_weight() if self.variant == "after" else m.qweight().float()
+            w_eff = q.float() + m.lora_weight() if self.variant == "after" else q.float()
             d2 = (m.weight.float() - w_eff).square()                          # (out, in)
             alphas = self.alphas(l, m.weight.device)
             total = total + (d2 if alphas is None else alphas[name] * d2).sum()     # eq. (2)
         return total
 
     def __call__(self, qb, l):
-        return self.lambda_l(l) * self.distance(qb, l)                        # eq. (2), second term
+        return self.lambda_l(l) * self.distance(qb, l, reuse=True)            # eq. (2), second term
 
+    @torch.no_grad()
     @torch.no_grad()
     def report(self, qb, l, mse=None) -> dict:
         """For the per-block log; `mse` is the block's output MSE after calibration (the loss's

@@ -1,0 +1,47 @@
+"""Cost of the saliency penalty (issue: time with the penalty / without <= 1.10): median seconds
+per ApiQ-bw training step of a real SmolLM2-135M block with no penalty, AfterLoRA and
+BeforeLoRA, interleaved in one run, 1 thread, r 64, g64, 2 bits, --aug-loss.
+
+    python saliency.py --nsamples 16 --out out/saliency-smollm2     # once, if missing
+    python bench/bench_penalty.py 2048                               # seqlen (256 = --quick)
+"""
+import statistics
+import sys
+import time
+from argparse import Namespace
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import calibrate  # noqa: E402
+from data import calib_windows  # noqa: E402
+from llama import load  # noqa: E402
+from saliency import make_penalty  # noqa: E402
+
+torch.set_num_threads(1)
+T = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+model, tok = load("smollm2-135m")
+tokens = calib_windows(tok, 4, T, 0)
+freqs, ctx = model.freqs_cis(T, "cpu"), nullcontext()
+with torch.no_grad():
+    X = model.tok_embeddings(tokens)
+fp = model.layers[0]
+Y = calibrate.run_block(fp, X, freqs, "cpu", ctx, X.dtype)
+base = dict(bits=2, group_size=64, rank=64, alpha=16.0, method="bw", epochs=2, seed=0, lr_clip=5e-3,
+            lr_lora=5e-4, wd=0.1, aug_loss=True, weight_penalty=0.0, sal_multiplier=1.0, sal_lambda=1.0)
+res = {"plain": [], "after": [], "before": []}
+for r in range(3):  # round 0 is warm-up
+    for k in res:
+        a = Namespace(**base, saliency=None if k == "plain" else "out/saliency-smollm2",
+                      sal_variant="after" if k == "plain" else k)
+        pen = None if k == "plain" else make_penalty(a, model)
+        t = time.perf_counter()
+        calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", ctx, pen)
+        if r:
+            res[k].append((time.perf_counter() - t) / (a.epochs * len(X)))
+p = statistics.median(res["plain"])
+print(f"\n| seqlen | penalty | s/step (median) | ratio to none |\n|---|---|---|---|")
+for k, v in res.items():
+    print(f"| {T} | {k} | {statistics.median(v):.3f} | {statistics.median(v) / p:.2f} |")
