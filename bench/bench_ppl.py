@@ -7,7 +7,8 @@
    dict renamed by llama.HF_NAMES, q/k rows permuted back into HF's sliced-rotary layout) and
    used as its users do, `hf(x, labels=x).loss` under no_grad. Both must give the same NLL on a
    window (|diff| < 1e-4) before anything is timed. The implementations alternate window by
-   window (A B A B ...), one warm-up window each is discarded, and the MEDIAN is reported.
+   window (A B A B ...), one warm-up window each is discarded, and the MEDIAN is reported, with
+   the median of the per-window (paired) ratios, which a noisy machine disturbs less.
    Our bf16 model (load(dtype=bfloat16)) runs in the same rotation but is reported apart:
    it is not a like-for-like comparison, and its NLL difference from fp32 is shown.
 2. Peak RSS (ru_maxrss) and wall time of load("smollm2-135m") in a fresh subprocess, against the
@@ -32,7 +33,6 @@ import llama  # noqa: E402
 from data import ppl_windows  # noqa: E402
 from evaluate import window_nll  # noqa: E402
 
-MIB = 2 ** 20
 # ru_maxrss is KiB on Linux; "base" is the peak after imports, before load() (Python + torch)
 LOAD_PROBE = f"""
 import json, resource, sys, time
@@ -97,22 +97,18 @@ def main(a):
     if default_attn != "sdpa":
         hf_sdpa = hf_twin(model, "sdpa")
         runners["transformers fp32 (sdpa)"] = lambda x: hf_nll(hf_sdpa, x)
-    x0 = windows[:1]
-    nlls0 = {name: run(x0).item() for name, run in runners.items()}
-    ref = nlls0["ours fp32"]
+    nlls0 = {name: run(windows[:1]).item() for name, run in runners.items()}
     for name, v in nlls0.items():
-        assert abs(v - ref) < 1e-4, f"{name} NLL {v:.6f} != ours {ref:.6f}: not the same model"
+        assert abs(v - nlls0["ours fp32"]) < 1e-4, f"{name} NLL {v:.6f} != ours {nlls0['ours fp32']:.6f}"
     if not a.no_bf16:
         model_bf16, _ = llama.load("smollm2-135m", dtype=torch.bfloat16)
         runners["ours bf16 (separate)"] = lambda x: window_nll(model_bf16, x)
 
-    secs = {name: [] for name in runners}
-    nll = {name: [] for name in runners}
+    secs, nll = {name: [] for name in runners}, {name: [] for name in runners}
     for i in range(a.windows + 1):             # window 0 is every implementation's warm-up
-        x = windows[i:i + 1]
         for name, run in runners.items():
             t = time.perf_counter()
-            v = run(x).item()
+            v = run(windows[i:i + 1]).item()
             if i:
                 secs[name].append(time.perf_counter() - t)
                 nll[name].append(v)
@@ -128,6 +124,7 @@ def main(a):
                              "mean_nll": statistics.fmean(nll[name]), "all_s": secs[name]}
     theirs = f"transformers fp32 ({default_attn})"
     res["ratio_ours_over_theirs"] = res["impl"][theirs]["s_per_window"] / res["impl"]["ours fp32"]["s_per_window"]
+    res["ratio_paired_median"] = statistics.median(b / o for b, o in zip(secs[theirs], secs["ours fp32"]))
     if not a.no_bf16:
         d = [b - f for b, f in zip(nll["ours bf16 (separate)"], nll["ours fp32"])]
         res["bf16_nll_diff"] = {"mean": statistics.fmean(d), "max_abs": max(map(abs, d))}
@@ -139,22 +136,20 @@ def main(a):
     print("| implementation | s/window | tokens/s | mean NLL |\n|---|---:|---:|---:|")
     for name, r in res["impl"].items():
         print(f"| {name} | {r['s_per_window']:.2f} | {r['tokens_per_s']:.0f} | {r['mean_nll']:.4f} |")
-    print(f"\nfp32 throughput ratio ours/transformers: {res['ratio_ours_over_theirs']:.2f}x "
-          f"(window-0 NLL ours {ref:.6f}, " + ", ".join(f"{k} {v:.6f}" for k, v in nlls0.items() if k != "ours fp32")
-          + ")")
+    print(f"\nfp32 throughput ours/transformers: {res['ratio_ours_over_theirs']:.2f}x (ratio of medians), "
+          f"{res['ratio_paired_median']:.2f}x (median of paired windows); window-0 NLL: "
+          + ", ".join(f"{k} {v:.6f}" for k, v in nlls0.items()))
     if not a.no_bf16:
         print(f"bf16 (not like-for-like): NLL bf16 - fp32 mean {res['bf16_nll_diff']['mean']:+.4f}, "
               f"max |diff| {res['bf16_nll_diff']['max_abs']:.4f} on the measured windows")
-    print(f"\n| load('smollm2-135m'), fresh process | value |\n|---|---:|\n"
-          f"| load time | {probe['load_s']:.2f} s |\n| peak RSS (ru_maxrss) | {probe['peak_rss_mib']:.0f} MiB |\n"
-          f"| RSS after imports, before load | {probe['base_rss_mib']:.0f} MiB |\n"
-          f"| fp32 parameter bytes | {probe['param_mib']:.0f} MiB |\n"
-          f"| peak RSS / parameter bytes | {probe['peak_rss_mib'] / probe['param_mib']:.2f}x |\n"
-          f"| (peak - imports) / parameter bytes | "
-          f"{(probe['peak_rss_mib'] - probe['base_rss_mib']) / probe['param_mib']:.2f}x |")
+    peak, base, param = probe["peak_rss_mib"], probe["base_rss_mib"], probe["param_mib"]
+    print(f"\n| load('smollm2-135m'), fresh process | value |\n|---|---:|\n| load time | {probe['load_s']:.2f} s |\n"
+          f"| peak RSS (ru_maxrss) | {peak:.0f} MiB |\n| RSS after imports, before load | {base:.0f} MiB |\n"
+          f"| fp32 parameter bytes | {param:.0f} MiB |\n| peak RSS / parameter bytes | {peak / param:.2f}x |\n"
+          f"| (peak - imports) / parameter bytes | {(peak - base) / param:.2f}x |")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        from cli import write_json
+        write_json(a.json, res)
         print(f"wrote {a.json}")
     return res
 
