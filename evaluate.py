@@ -164,7 +164,8 @@ def main(a):
         raise ValueError("--seqlen and --limit must be positive")
     items = {name: load_task(name, a.data_dir)[: a.limit] for name in tasks}  # missing files fail before loading
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    torch.set_num_threads(a.threads) if a.threads else None
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.method != "fp":
         validate(a.bits, a.group_size, a.group_size)
     if a.save and a.method == "fp":
