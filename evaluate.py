@@ -141,6 +141,57 @@ def zero_shot(model, tok, task, items, batch_size=1) -> dict:
     return {"acc": acc / n, "acc_norm": acc_norm / n if task in ACC_NORM else None, "n": n}
 
 
+@torch.no_grad()
+def activation_errors(model, ref, windows) -> list[dict]:
+    """ApiQ paper fig. 4: how far the quantized model's hidden states drift from the full-precision
+    model's, block by block. Both models run the same windows, each on its own input, so the
+    quantized model carries its earlier blocks' errors as it does in use. At block l's output:
+        mse_l = mean (Y_l - Y^q_l)^2        rel_l = mse_l / mean Y_l^2
+    (rel makes blocks comparable: SmolLM2's hidden states grow a few huge channels; METHOD.md §7)."""
+    device = next(model.parameters()).device
+    n_layers = model.args.n_layers
+    sq_err, sq_ref, n = [0.0] * n_layers, [0.0] * n_layers, 0
+    for x in tqdm(windows, desc="act error", unit="win", leave=False):
+        x = x[None].to(device)
+        freqs = model.freqs_cis(x.shape[1], device)
+        h, hq = ref.tok_embeddings(x), model.tok_embeddings(x)
+        for l in range(n_layers):
+            h, hq = ref.layers[l](h, freqs), model.layers[l](hq, freqs)
+            sq_err[l] += (h.float() - hq.float()).pow(2).sum().item()
+            sq_ref[l] += h.float().pow(2).sum().item()
+        n += h.numel()
+    return [{"block": l, "mse": e / n, "rel": e / r} for l, (e, r) in enumerate(zip(sq_err, sq_ref))]
+
+
+@torch.no_grad()
+def weight_errors(model, ref) -> list[dict]:
+    """ApiQ paper fig. 3: ||W - (Q + s B A)||_F of every quantized linear against its full-precision
+    W (and relative to ||W||_F), with Q the Q(W) the layer applies."""
+    from lora import quant_linears
+    rows = []
+    for name, m in quant_linears(model):
+        w = ref.get_submodule(name).weight.float().to(m.A.device)
+        err = torch.linalg.matrix_norm(w - m.merged_weight().float()).item()
+        rows.append({"layer": name, "error": err, "rel": err / torch.linalg.matrix_norm(w).item()})
+    return rows
+
+
+def reference_ckpt(a) -> str:
+    """The full-precision checkpoint to measure errors against: --ref, else the quantized
+    directory's source (apiq.json), else --ckpt itself when --method quantizes it here."""
+    import json
+    from pathlib import Path
+    if a.ref:
+        return a.ref
+    if a.method != "fp":
+        return a.ckpt
+    cfg = Path(a.ckpt) / "apiq.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text())["source"]
+    raise ValueError("--errors compares a quantized model with full precision: give --method rtn|qlora|loftq, "
+                     "a quantized --ckpt directory, or --ref")
+
+
 def parse_list(s, allowed, what):
     items = [x.strip() for x in s.split(",") if x.strip()]
     for x in items:
@@ -160,9 +211,11 @@ def main(a):
     datasets = parse_list(a.ppl, DATASETS, "dataset") if a.ppl else []
     tasks = parse_list(a.tasks, TASKS + ("all",), "task") if a.tasks else []
     tasks = list(TASKS) if "all" in tasks else tasks
-    if a.seqlen <= 0 or (a.limit is not None and a.limit <= 0):
-        raise ValueError("--seqlen and --limit must be positive")
-    items = {name: load_task(name, a.data_dir)[: a.limit] for name in tasks}  # missing files fail before loading
+    if a.seqlen <= 0 or any(n is not None and n <= 0 for n in (a.limit, a.task_limit)) or a.error_windows <= 0:
+        raise ValueError("--seqlen, --limit, --task-limit and --error-windows must be positive")
+    task_limit = a.task_limit or a.limit
+    items = {name: load_task(name, a.data_dir)[:task_limit] for name in tasks}  # missing files fail before loading
+    ref_ckpt = reference_ckpt(a) if a.errors else None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -187,6 +240,20 @@ def main(a):
         if a.save:
             save_quantized(model, tok, a.save, {"method": a.method, "source": a.ckpt, "made_by": config})
             print(f"saved {a.method} w{a.bits}g{a.group_size} model to {a.save}")
+    if a.errors:
+        t = time.time()
+        ref, _ = load(ref_ckpt, device=a.device, dtype=dtype)
+        if any(True for _ in quant_linears(ref)):
+            raise ValueError(f"--ref {ref_ckpt} is quantized: errors are measured against full precision")
+        windows = ppl_windows("wikitext2", tok, a.seqlen, a.data_dir)[: a.error_windows]
+        results["errors"] = {"reference": ref_ckpt, "windows": len(windows), "seqlen": a.seqlen,
+                             "activation": activation_errors(model, ref, windows),
+                             "weight": weight_errors(model, ref)}
+        results.setdefault("seconds", {})["errors"] = round(time.time() - t, 2)
+        del ref
+        rel = [r["rel"] for r in results["errors"]["activation"]]
+        print(f"activation error (rel. to target mean square) per block: first {rel[0]:.3%}, last {rel[-1]:.3%}, "
+              f"max {max(rel):.3%}")
     for name in datasets:
         windows = ppl_windows(name, tok, a.seqlen, a.data_dir)
         if a.limit:
@@ -239,6 +306,11 @@ if __name__ == "__main__":
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens")
     p.add_argument("--tasks", default="", help=f"comma-separated zero-shot tasks ({', '.join(TASKS)}) or 'all'")
     p.add_argument("--limit", type=int, default=None, help="only the first N windows / items of each dataset / task")
+    p.add_argument("--task-limit", type=int, default=None, help="only the first N items of each task (default --limit)")
+    p.add_argument("--errors", action="store_true",
+                   help="activation error per block and weight error per linear against full precision (figs. 3, 4)")
+    p.add_argument("--ref", default=None, help="full-precision checkpoint for --errors (default: the model's source)")
+    p.add_argument("--error-windows", type=int, default=1, help="WikiText-2 test windows for the activation error")
     p.add_argument("--batch-size", type=int, default=1, help="windows, or scored options, per forward pass")
     p.add_argument("--method", default="fp", choices=["fp", "rtn", "qlora", "loftq"],
                    help="fp = the checkpoint as it is; else quantize it first with this baseline init")

@@ -84,8 +84,10 @@ class QuantLinear(nn.Module):
         return self.scaling * self.B @ self.A  # (out, in)
 
     def merged_weight(self):
-        """Q(W) + (alpha / r) B A: the weight the layer applies (the saliency 'AfterLoRA' W_eff)."""
-        return self.qweight().float() + self.lora_weight()
+        """Q(W) + (alpha / r) B A: the weight the layer applies (the saliency 'AfterLoRA' W_eff).
+        Once frozen, Q(W) is the cached (or stored) one that forward uses."""
+        frozen = self.w_hat is not None and self._versions() == self._stamp
+        return (self.w_hat if frozen else self.qweight()).float() + self.lora_weight()
 
     def clip_parameters(self):
         return [p for p in (self.gamma, self.beta) if p is not None]

@@ -2,6 +2,7 @@
 
 Outside CI a missing piece skips the tests that need it; with CI=true it is a failure
 (DEVELOPERS.md: CI must run on the real parts)."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -43,3 +44,20 @@ def smollm2(smollm2_gguf):
     from llama import load
     torch.manual_seed(0)
     return load(str(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, data_dir):
+    """A 4-block random Llama in Meta's format with the real Llama-2 tokenizer beside it: the
+    scripts' whole pipeline (calibrate, save, evaluate, plot) in seconds."""
+    from llama import ModelArgs, Transformer
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    d.mkdir()
+    torch.manual_seed(0)
+    params = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32,
+                  norm_eps=1e-5, max_seq_len=256)
+    model = Transformer(ModelArgs(**params))
+    torch.save(model.state_dict(), d / "consolidated.00.pth")
+    (d / "params.json").write_text(json.dumps(params))
+    os.symlink(data_dir / "tokenizers" / "llama2" / "tokenizer.model", d / "tokenizer.model")
+    return d

@@ -2,7 +2,6 @@
 to the identical result, and a real SmolLM2 block calibrates."""
 import copy
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -83,21 +82,6 @@ def test_real_smollm2_first_blocks_calibrate(smollm2, data_dir):
         after = block_error(qb, Xq, Y, freqs)
         assert retries == 0 and after < 0.8 * before, (l, before, after)
         X, Xq = Y, calibrate.run_block(qb, Xq, freqs, "cpu", ctx, X.dtype)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, data_dir):
-    """A 4-block random Llama in Meta's format with the real Llama-2 tokenizer beside it."""
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    d.mkdir()
-    torch.manual_seed(0)
-    params = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32,
-                  norm_eps=1e-5, max_seq_len=256)
-    model = Transformer(ModelArgs(**params))
-    torch.save(model.state_dict(), d / "consolidated.00.pth")
-    (d / "params.json").write_text(json.dumps(params))
-    os.symlink(data_dir / "tokenizers" / "llama2" / "tokenizer.model", d / "tokenizer.model")
-    return d
 
 
 def calib_cmd(ckpt, out, *extra):

@@ -1,0 +1,68 @@
+"""What the plot scripts share: the results directory that results.sh / evaluate.py --json fill,
+the methods' names, and saving a figure so that an interrupted run leaves no half-written PNG.
+
+A results directory holds `<method>-w<bits>.json` (evaluate.py --json), `fp.json`, and the saved
+models `<method>-w<bits>/` (model.safetensors with each linear's A and B)."""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402,F401  (the scripts take plt from here)
+
+METHODS = {  # file prefix -> label, in the paper's order
+    "rtn": "RTN",
+    "qlora": "QLoRA",
+    "loftq": "LoftQ",
+    "apiq-lw": "ApiQ-lw",
+    "apiq-bw": "ApiQ-bw",
+    "apiq-bw-sal-after": "ApiQ-bw + saliency (AfterLoRA)",
+    "apiq-bw-sal-before": "ApiQ-bw + saliency (BeforeLoRA)",
+}
+
+
+def parser(doc: str, png: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("results", nargs="?", default="out/results", help="results directory (default out/results)")
+    p.add_argument("--out", default=f"figures/{png}", help=f"PNG to write (default figures/{png})")
+    return p
+
+
+def parse_methods(s: str) -> list:
+    names = [m.strip() for m in s.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    return names
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_results(results: str, methods, bits: int) -> dict:
+    """{method: parsed JSON} for the methods whose `<method>-w<bits>.json` exists."""
+    d = Path(results)
+    if not d.is_dir():
+        raise NotADirectoryError(f"results directory {d} does not exist (bash results.sh fills out/results)")
+    return {m: read_json(d / f"{m}-w{bits}.json") for m in methods if (d / f"{m}-w{bits}.json").is_file()}
+
+
+def save(fig, out: str):
+    """Write the PNG next to its final name, then rename: no half-written figure survives a crash."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    os.replace(tmp, out)
+    print(f"wrote {out}")

@@ -1,0 +1,49 @@
+"""Perplexity against bits for each method (WikiText-2 and C4), full precision as a reference line.
+
+    python plots/ppl_bits.py out/results                    # -> figures/ppl_bits.png
+
+Reads every `<method>-w<bits>.json` and `fp.json` written by `evaluate.py --json`. QLoRA's init is
+RTN with B = 0, so its perplexity is RTN's line. Perplexity spans decades at 2 bits: log scale.
+"""
+from pathlib import Path
+
+from common import METHODS, load_results, parser, plt, read_json, save
+
+BITS = range(1, 9)
+DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation"}
+
+
+def main(a):
+    by_method = {}
+    for bits in BITS:
+        for m, r in load_results(a.results, METHODS, bits).items():
+            for ds, ppl in r.get("ppl", {}).items():
+                by_method.setdefault(m, {}).setdefault(ds, []).append((bits, ppl, r["config"].get("limit")))
+    by_method = {m: by_method[m] for m in METHODS if m in by_method}   # legend in the paper's order
+    if not by_method:
+        raise FileNotFoundError(f"no <method>-w<bits>.json with perplexities in {a.results}")
+    fp = Path(a.results) / "fp.json"
+    fp = read_json(fp).get("ppl", {}) if fp.is_file() else {}
+    shown = [ds for ds in DATASETS if any(ds in v for v in by_method.values())]
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4.4), squeeze=False)
+    limits = set()
+    for ax, ds in zip(axes[0], shown):
+        for m, v in by_method.items():
+            if ds in v:
+                pts = sorted(v[ds])
+                limits.update(p[2] for p in pts)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=METHODS[m])
+        if ds in fp:
+            ax.axhline(fp[ds], color="black", linestyle="--", linewidth=1, label=f"full precision ({fp[ds]:.2f})")
+        ax.set(yscale="log", xlabel="weight bits", ylabel="perplexity (log)", title=DATASETS[ds])
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    windows = ", ".join("all" if n is None else str(n) for n in sorted(limits, key=lambda n: n or 1e9))
+    fig.suptitle(f"perplexity against bits (windows of 2048 tokens per dataset: {windows})")
+    save(fig, a.out)
+
+
+if __name__ == "__main__":
+    from cli import run
+    run(main, parser(__doc__, "ppl_bits.png").parse_args())

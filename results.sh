@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Every row and figure of RESULTS.md on the embedded SmolLM2-135M, on a CPU.
+#
+#   bash results.sh                 # all steps, in order; finished steps are skipped
+#   bash results.sh calib-bw-w2 eval-apiq-bw-w2    # only these steps (e.g. two shells in parallel)
+#   bash results.sh list            # the step names
+#
+# Calibration uses calibrate.py --quick (32 windows x 256 tokens, 2 epochs; the paper: 128 x 2048,
+# 20 epochs). Perplexity is on the first LIMIT windows of 2048 tokens of WikiText-2 test and of C4,
+# zero-shot accuracy on the first ITEMS items of each task. Each step's exact command is echoed;
+# the timings are in each JSON ("seconds", "calibration_seconds" in the model's apiq.json).
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -x .venv/bin/python ] || bash setup.sh
+. .venv/bin/activate
+OUT=${OUT:-out/results}      # JSON results, saved models, saliency
+LIMIT=${LIMIT:-10}           # perplexity windows per dataset (full WikiText-2 test: 148)
+ITEMS=${ITEMS:-50}           # zero-shot items per task
+THREADS=${THREADS:-1}        # torch threads per process (1 lets two steps share 2 cores)
+SAL_LAMBDA=${SAL_LAMBDA:-1}  # the paper's lambda (multiplier 1)
+mkdir -p "$OUT"
+
+say() { echo "+ $*" >&2; "$@"; }
+EVAL=(--limit "$LIMIT" --task-limit "$ITEMS" --tasks all --errors --threads "$THREADS")
+
+calib() {  # calib <name> <calibrate.py args...>
+  local name=$1; shift
+  [ -f "$OUT/$name/apiq.json" ] || say python calibrate.py --quick --threads "$THREADS" --out "$OUT/$name" "$@"
+}
+evaluate() {  # evaluate <name> <evaluate.py args...>
+  local name=$1; shift
+  [ -f "$OUT/$name.json" ] || say python evaluate.py --json "$OUT/$name.json" "$@"
+}
+
+STEPS=(sal)
+for b in 2 3; do STEPS+=(calib-bw-w$b calib-lw-w$b calib-bw-sal-after-w$b calib-bw-sal-before-w$b); done
+STEPS+=(eval-fp)
+for b in 2 3 4; do STEPS+=(eval-rtn-w$b eval-qlora-w$b eval-loftq-w$b); done
+for b in 2 3; do STEPS+=(eval-apiq-bw-w$b eval-apiq-lw-w$b eval-apiq-bw-sal-after-w$b eval-apiq-bw-sal-before-w$b); done
+STEPS+=(figures table)
+
+step() {
+  case $1 in
+    sal) [ -f "$OUT/saliency/saliency.json" ] || say python saliency.py --threads "$THREADS" --out "$OUT/saliency" ;;
+    calib-bw-w[0-9]) calib "apiq-bw-w${1#calib-bw-w}" --bits "${1#calib-bw-w}" ;;
+    calib-lw-w[0-9]) calib "apiq-lw-w${1#calib-lw-w}" --method lw --bits "${1#calib-lw-w}" ;;
+    calib-bw-sal-*-w[0-9])
+      local variant=${1#calib-bw-sal-}; variant=${variant%-w*}; local b=${1##*-w}
+      calib "apiq-bw-sal-$variant-w$b" --bits "$b" --saliency "$OUT/saliency" --sal-lambda "$SAL_LAMBDA" \
+        --sal-variant "$variant" ;;
+    eval-fp) evaluate fp "${EVAL[@]}" ;;
+    # QLoRA's init is RTN with B = 0: its outputs are RTN's exactly, so only its errors are measured
+    eval-qlora-w[0-9]) evaluate "qlora-w${1##*-w}" --method qlora --bits "${1##*-w}" --ppl '' --errors \
+        --threads "$THREADS" ;;
+    eval-rtn-w[0-9]) evaluate "rtn-w${1##*-w}" --method rtn --bits "${1##*-w}" "${EVAL[@]}" ;;
+    eval-loftq-w[0-9]) local b=${1##*-w}
+      [ -f "$OUT/loftq-w$b.json" ] || rm -rf "$OUT/loftq-w$b"   # a save without its results is redone
+      evaluate "loftq-w$b" --method loftq --bits "$b" --save "$OUT/loftq-w$b" "${EVAL[@]}" ;;
+    eval-apiq-*) local name=${1#eval-}
+      evaluate "$name" --ckpt "$OUT/$name" "${EVAL[@]}" ;;
+    figures)
+      for b in 2 3; do
+        say python plots/act_error.py "$OUT" --bits $b
+        say python plots/weight_error.py "$OUT" --bits $b
+        say python plots/adapters.py "$OUT" --bits $b
+      done
+      say python plots/ppl_bits.py "$OUT" ;;
+    table) python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+rows = [("fp", "full precision (fp32)", None)] + [
+    (f"{m}-w{b}", label, b) for b in (2, 3, 4) for m, label in [
+        ("rtn", "RTN (= QLoRA init)"), ("loftq", "LoftQ (T = 5)"), ("apiq-lw", "ApiQ-lw"), ("apiq-bw", "ApiQ-bw"),
+        ("apiq-bw-sal-after", "ApiQ-bw + saliency AfterLoRA"), ("apiq-bw-sal-before", "ApiQ-bw + saliency BeforeLoRA")]]
+tasks = ["winogrande", "hellaswag", "arc_challenge", "arc_easy", "piqa"]
+print("| method | bits | WikiText-2 | C4 | WinoGrande | HellaSwag | ARC-C | ARC-E | PIQA | avg | calibrate | evaluate |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for name, label, bits in rows:
+    f = d / f"{name}.json"
+    if not f.is_file():
+        continue
+    r = json.loads(f.read_text())
+    zs = r.get("zeroshot", {})
+    acc = [f"{100 * zs[t]['acc']:.1f}" if t in zs else "-" for t in tasks]
+    avg = f"{100 * r['zeroshot_avg']:.1f}" if "zeroshot_avg" in r else "-"
+    cfg = d / name / "apiq.json"
+    calib = json.loads(cfg.read_text()).get("calibration_seconds") if cfg.is_file() else None
+    calib = f"{calib / 60:.1f} min" if calib else ("%.1f min" % (r["quantize_seconds"] / 60) if "quantize_seconds" in r else "-")
+    ppl = [f"{r['ppl'][k]:.2f}" if k in r.get("ppl", {}) else "-" for k in ("wikitext2", "c4")]
+    print(f"| {label} | {bits or 32} | {' | '.join(ppl)} | {' | '.join(acc)} | {avg} | {calib} | "
+          f"{r['seconds_total'] / 60:.1f} min |")
+PY
+    ;;
+    list) printf '%s\n' "${STEPS[@]}" ;;
+    *) echo "results.sh: unknown step '$1' (bash results.sh list)" >&2; exit 2 ;;
+  esac
+}
+
+if [ $# -eq 0 ]; then set -- "${STEPS[@]}"; fi
+for s in "$@"; do step "$s"; done

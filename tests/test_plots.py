@@ -1,0 +1,100 @@
+"""The figures' data (evaluate.py --errors) and the plot scripts, on the real pipeline: a tiny random
+Llama is calibrated, quantized, saved and evaluated by the scripts themselves, then every plot
+script draws from those results."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluate import activation_errors, weight_errors
+from llama import load
+from qmodel import quantize_model
+from quant import rtn
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOTS = ["act_error", "weight_error", "adapters", "ppl_bits"]
+SMALL = ["--group-size", "32", "--threads", "1"]
+
+
+def sh(*cmd):
+    r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def results(tiny_ckpt, tmp_path_factory):
+    """A results directory as results.sh lays it out, made by calibrate.py and evaluate.py."""
+    d = tmp_path_factory.mktemp("results")
+    ev = ["evaluate.py", "--ckpt", tiny_ckpt, "--ppl", "wikitext2,c4", "--seqlen", "64", "--limit", "1",
+          "--rank", "8", *SMALL]
+    sh(*ev, "--json", d / "fp.json")
+    sh("calibrate.py", "--ckpt", tiny_ckpt, "--out", d / "apiq-bw-w2", "--nsamples", "2", "--seqlen", "32",
+       "--epochs", "1", "--rank", "8", *SMALL)
+    sh(*ev[:2], d / "apiq-bw-w2", *ev[3:], "--errors", "--error-windows", "2", "--json", d / "apiq-bw-w2.json")
+    sh(*ev, "--method", "loftq", "--loftq-iters", "1", "--save", d / "loftq-w2", "--errors", "--json", d / "loftq-w2.json")
+    sh(*ev, "--method", "qlora", "--ppl", "", "--errors", "--json", d / "qlora-w2.json")
+    sh(*ev, "--method", "rtn", "--bits", "3", "--json", d / "rtn-w3.json")
+    return d
+
+
+@pytest.mark.parametrize("script", PLOTS)
+def test_each_plot_script_writes_a_png(results, script, tmp_path):
+    png = tmp_path / f"{script}.png"
+    r = sh(f"plots/{script}.py", results, "--out", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, r.stdout
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("script", PLOTS)
+def test_plot_without_results_is_one_line_error(script, tmp_path):
+    r = subprocess.run([sys.executable, f"plots/{script}.py", str(tmp_path), "--out", str(tmp_path / "x.png")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_results_hold_what_the_figures_need(results, tiny_ckpt):
+    import json
+    r = json.loads((results / "apiq-bw-w2.json").read_text())["errors"]
+    assert r["windows"] == 2 and r["reference"] == str(tiny_ckpt)   # the source named in apiq.json
+    assert [x["block"] for x in r["activation"]] == [0, 1, 2, 3]
+    assert len(r["weight"]) == 4 * 7                                   # every linear of every block
+    q = json.loads((results / "qlora-w2.json").read_text())
+    assert q["ppl"] == {} and len(q["errors"]["activation"]) == 4
+
+
+def test_errors_against_independent_computations(tiny_ckpt, data_dir):
+    """weight error of QLoRA is ||W - RTN(W)||_F (B = 0); the activation errors equal the block
+    outputs that the models' own forward passes produce (captured by hooks)."""
+    ref, _ = load(str(tiny_ckpt))
+    model = quantize_model(copy.deepcopy(ref), "qlora", 2, 32, 8, 16.0)
+    for row in weight_errors(model, ref):
+        w = ref.get_submodule(row["layer"]).weight
+        expect = torch.linalg.matrix_norm(w - rtn(w, 2, 32)).item()
+        assert row["error"] == pytest.approx(expect, rel=1e-5)
+        assert row["rel"] == pytest.approx(expect / torch.linalg.matrix_norm(w).item(), rel=1e-5)
+    x = torch.randint(0, 32000, (2, 48), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for tag, m in (("fp", ref), ("q", model)):
+        hooks = [layer.register_forward_hook(lambda mod, i, o, l=l, tag=tag: outs.__setitem__((tag, l), o))
+                 for l, layer in enumerate(m.layers)]
+        acts = []
+        with torch.no_grad():
+            for row in x:
+                m(row[None])
+                acts.append([outs[(tag, l)] for l in range(len(m.layers))])
+        for h in hooks:
+            h.remove()
+        outs[tag] = acts
+    got = activation_errors(model, ref, x)
+    for l, row in enumerate(got):
+        fp = torch.cat([a[l] for a in outs["fp"]])
+        diff = torch.cat([a[l] for a in outs["q"]]) - fp
+        assert row["mse"] == pytest.approx(diff.pow(2).mean().item(), rel=1e-4)
+        assert row["rel"] == pytest.approx(diff.pow(2).sum().item() / fp.pow(2).sum().item(), rel=1e-4)
+    assert got[0]["rel"] > 0
+    assert all(r["mse"] == 0 for r in activation_errors(ref, ref, x[:1]))   # a model against itself
