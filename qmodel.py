@@ -158,9 +158,12 @@ def load_quantized(path, device="cpu", dtype=torch.float32):
         if mod is None or (mod.out_features, mod.in_features) != (out_f, in_f) or f"{name}.qweight" not in t:
             raise ValueError(f"{path}: {name} does not fit this model; the directory was made for another model")
         codes = unpack(t[f"{name}.qweight"], spec["bits"], (out_f, in_f))
-        w_hat = dequantize(codes, t[f"{name}.scale"], t[f"{name}.zero"].float(), spec["group_size"])
-        q = QuantLinear(w_hat, t.get(f"{name}.bias"), spec["bits"], spec["group_size"], spec["rank"],
-                        spec["alpha"], clip=False, A=t[f"{name}.A"], B=t[f"{name}.B"])
+        # made on the device at once: Q(W) is both `weight` and the cached `w_hat`, one tensor, which
+        # a later model.to(device) would copy twice
+        w_hat = dequantize(codes, t[f"{name}.scale"], t[f"{name}.zero"].float(), spec["group_size"]).to(device)
+        bias = t.get(f"{name}.bias")
+        q = QuantLinear(w_hat, None if bias is None else bias.to(device), spec["bits"], spec["group_size"],
+                        spec["rank"], spec["alpha"], clip=False, A=t[f"{name}.A"].to(device), B=t[f"{name}.B"].to(device))
         q.w_hat, q._stamp = w_hat, q._versions()  # Q(W) is what was stored: never re-quantize it
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)

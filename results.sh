@@ -21,7 +21,7 @@ SAL_LAMBDA=${SAL_LAMBDA:-1}  # the paper's lambda (multiplier 1)
 mkdir -p "$OUT"
 
 say() { echo "+ $*" >&2; "$@"; }
-EVAL=(--limit "$LIMIT" --task-limit "$ITEMS" --tasks all --errors --threads "$THREADS")
+EVAL=(--limit "$LIMIT" --task-limit "$ITEMS" --tasks all --threads "$THREADS")   # + --errors where quantized
 
 calib() {  # calib <name> <calibrate.py args...>
   local name=$1; shift
@@ -52,12 +52,12 @@ step() {
     # QLoRA's init is RTN with B = 0: its outputs are RTN's exactly, so only its errors are measured
     eval-qlora-w[0-9]) evaluate "qlora-w${1##*-w}" --method qlora --bits "${1##*-w}" --ppl '' --errors \
         --threads "$THREADS" ;;
-    eval-rtn-w[0-9]) evaluate "rtn-w${1##*-w}" --method rtn --bits "${1##*-w}" "${EVAL[@]}" ;;
+    eval-rtn-w[0-9]) evaluate "rtn-w${1##*-w}" --method rtn --bits "${1##*-w}" --errors "${EVAL[@]}" ;;
     eval-loftq-w[0-9]) local b=${1##*-w}
       [ -f "$OUT/loftq-w$b.json" ] || rm -rf "$OUT/loftq-w$b"   # a save without its results is redone
-      evaluate "loftq-w$b" --method loftq --bits "$b" --save "$OUT/loftq-w$b" "${EVAL[@]}" ;;
+      evaluate "loftq-w$b" --method loftq --bits "$b" --save "$OUT/loftq-w$b" --errors "${EVAL[@]}" ;;
     eval-apiq-*) local name=${1#eval-}
-      evaluate "$name" --ckpt "$OUT/$name" "${EVAL[@]}" ;;
+      evaluate "$name" --ckpt "$OUT/$name" --errors "${EVAL[@]}" ;;
     figures)
       for b in 2 3; do
         say python plots/act_error.py "$OUT" --bits $b

@@ -34,6 +34,8 @@ def test_saved_model_gives_identical_logits(saved):
         assert torch.equal(loaded(x), q(x))
     assert loaded.output.weight is loaded.tok_embeddings.weight
     assert len(list(quant_linears(loaded))) == 7 * 30
+    # the stored Q(W) is held once: `weight` and the cache forward uses are the same memory
+    assert all(m.weight.data_ptr() == m.w_hat.data_ptr() for _, m in quant_linears(loaded))
 
 
 def test_rtn_model_equals_an_independent_rtn(smollm2):
