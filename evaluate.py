@@ -14,6 +14,11 @@ each option's log-likelihood sum log p(continuation | context); acc = argmax of 
 of it divided by the option's length in characters.
 
     python evaluate.py --ppl '' --tasks all --json out/fp_zs.json
+
+Errors against full precision (--errors; the data of the ApiQ paper's figs. 3 and 4, drawn by
+plots/): the activation error at every block's output and ||W - (Q + s B A)||_F of every linear.
+
+    python evaluate.py --ckpt out/results/apiq-bw-w2 --errors --json out/results/apiq-bw-w2.json
 """
 import math
 import time
