@@ -15,13 +15,14 @@ cd "$(dirname "$0")"
 . .venv/bin/activate
 OUT=${OUT:-out/results}      # JSON results, saved models, saliency
 LIMIT=${LIMIT:-10}           # perplexity windows per dataset (full WikiText-2 test: 148)
-ITEMS=${ITEMS:-50}           # zero-shot items per task
+ITEMS=${ITEMS:-50}           # zero-shot items per task (0: none)
 THREADS=${THREADS:-1}        # torch threads per process (1 lets two steps share 2 cores)
 SAL_LAMBDA=${SAL_LAMBDA:-1}  # the paper's lambda (multiplier 1)
 mkdir -p "$OUT"
 
 say() { echo "+ $*" >&2; "$@"; }
-EVAL=(--limit "$LIMIT" --task-limit "$ITEMS" --tasks all --threads "$THREADS")   # + --errors where quantized
+EVAL=(--limit "$LIMIT" --threads "$THREADS")   # + --errors where quantized
+[ "$ITEMS" -gt 0 ] && EVAL+=(--tasks all --task-limit "$ITEMS")   # ITEMS=0: perplexity only
 
 calib() {  # calib <name> <calibrate.py args...>
   local name=$1; shift

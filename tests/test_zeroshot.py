@@ -156,7 +156,10 @@ def test_smollm2_gets_trivial_items_right(smollm2):
 
 
 def test_batched_loglikelihoods_equal_a_direct_forward(smollm2):
-    """Right padding and batching must not change a request's log-likelihood (1e-4)."""
+    """Right padding and batching must not change a request's log-likelihood. The reference sums a
+    float64 log-softmax of the same fp32 logits; the scorer's fp32 log-softmax over 49152 logits
+    differs by ~1e-5 a token (seen: 1.7e-4 on a 10-token sum of -32.5, on a busy 2-core CI run),
+    so the bound is relative 2e-5; a padding or offset error moves a sum by whole nats."""
     model, tok = smollm2
     reqs = [("The capital of France is", " Paris"),
             ("Question: How do I boil an egg?\nAnswer:", " Put it in boiling water for about eight minutes."),
@@ -171,7 +174,7 @@ def test_batched_loglikelihoods_equal_a_direct_forward(smollm2):
             want.append(sum(logp[len(ctx) + j - 1, t].item() for j, t in enumerate(cont)))
     for bs in (1, 4):
         got = loglikelihoods(model, tok, reqs, batch_size=bs)
-        assert all(math.isclose(g, w, abs_tol=1e-4) for g, w in zip(got, want)), (bs, got, want)
+        assert all(math.isclose(g, w, rel_tol=2e-5, abs_tol=1e-4) for g, w in zip(got, want)), (bs, got, want)
 
 
 def test_unknown_task_fails_with_one_line():
