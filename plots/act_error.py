@@ -39,8 +39,5 @@ def main(a):
 
 if __name__ == "__main__":
     from cli import run
-    p = parser(__doc__, "act_error_w{bits}.png")
-    p.add_argument("--bits", type=int, default=2, help="which results (default 2)")
-    p.add_argument("--methods", default="qlora,loftq,apiq-lw,apiq-bw",
-                   help=f"comma-separated, of: {', '.join(METHODS)}")
+    p = parser(__doc__, "act_error_w{bits}.png", methods="qlora,loftq,apiq-lw,apiq-bw")
     run(main, p.parse_args())

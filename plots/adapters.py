@@ -68,8 +68,6 @@ def main(a):
 
 if __name__ == "__main__":
     from cli import run
-    p = parser(__doc__, "adapters_w{bits}.png")
-    p.add_argument("--bits", type=int, default=2, help="which saved models (default 2)")
-    p.add_argument("--methods", default="loftq,apiq-bw", help=f"comma-separated, of: {', '.join(METHODS)}")
+    p = parser(__doc__, "adapters_w{bits}.png", methods="loftq,apiq-bw")
     p.add_argument("--layer", default="", help="only linears whose name contains this (e.g. layers.0.attention.wq)")
     run(main, p.parse_args())

@@ -28,10 +28,14 @@ METHODS = {  # file prefix -> label, in the paper's order
 }
 
 
-def parser(doc: str, png: str) -> argparse.ArgumentParser:
+def parser(doc: str, png: str, methods: str = None) -> argparse.ArgumentParser:
+    """The scripts' arguments; with `methods` (the default list) also --bits and --methods."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("results", nargs="?", default="out/results", help="results directory (default out/results)")
     p.add_argument("--out", default=f"figures/{png}", help=f"PNG to write (default figures/{png})")
+    if methods is not None:
+        p.add_argument("--bits", type=int, default=2, help="which results (default 2)")
+        p.add_argument("--methods", default=methods, help=f"comma-separated, of: {', '.join(METHODS)}")
     return p
 
 
