@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lora import QuantLinear, quant_linears, swap_linears
+from lora import QuantLinear, quant_linears, swap_linears, weight_errors
 
 LINEAR_ORDER = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                 "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")  # order of use in a block
@@ -182,12 +182,8 @@ def capture_inputs(fp_block, qb, name, X, Xq, freqs, device, ctx):
 
 
 def block_stats(qb, fp_block):
-    """Per-block weight error ||W - (Q + s B A)||_F summed over the seven linears (paper fig. 3)."""
-    err = 0.0
-    for name, m in quant_linears(qb):
-        w = fp_block.get_submodule(name).weight.float().to(m.A.device)
-        err += (w - m.merged_weight().detach()).pow(2).sum().item()
-    return math.sqrt(err)
+    """Per-block weight error ||W - (Q + s B A)||_F joined over the seven linears (paper fig. 3)."""
+    return math.sqrt(sum(r["error"] ** 2 for r in weight_errors(qb, fp_block)))
 
 
 def save_block(out: Path, l: int, qb):

@@ -168,19 +168,6 @@ def activation_errors(model, ref, windows) -> list[dict]:
     return [{"block": l, "mse": e / n, "rel": e / r} for l, (e, r) in enumerate(zip(sq_err, sq_ref))]
 
 
-@torch.no_grad()
-def weight_errors(model, ref) -> list[dict]:
-    """ApiQ paper fig. 3: ||W - (Q + s B A)||_F of every quantized linear against its full-precision
-    W (and relative to ||W||_F), with Q the Q(W) the layer applies."""
-    from lora import quant_linears
-    rows = []
-    for name, m in quant_linears(model):
-        w = ref.get_submodule(name).weight.float().to(m.A.device)
-        err = torch.linalg.matrix_norm(w - m.merged_weight().float()).item()
-        rows.append({"layer": name, "error": err, "rel": err / torch.linalg.matrix_norm(w).item()})
-    return rows
-
-
 def reference_ckpt(a) -> str:
     """The full-precision checkpoint to measure errors against: --ref, else the quantized
     directory's source (apiq.json), else --ckpt itself when --method quantizes it here."""
@@ -208,7 +195,7 @@ def parse_list(s, allowed, what):
 def main(a):
     from cli import check_writable, write_json
     from llama import load
-    from lora import quant_linears
+    from lora import quant_linears, weight_errors
     from qmodel import quantize_model, save_quantized
     from quant import validate
 

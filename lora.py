@@ -163,6 +163,19 @@ def weight_error(w, q, A, B, scaling):
 
 
 @torch.no_grad()
+def weight_errors(model, ref) -> list[dict]:
+    """ApiQ paper fig. 3: ||W - (Q + s B A)||_F of every QuantLinear in `model` against the
+    full-precision W of the same name in `ref` (and relative to ||W||_F), Q the Q(W) the layer
+    applies. `model` and `ref` may be whole models or one block each."""
+    rows = []
+    for name, m in quant_linears(model):
+        w = ref.get_submodule(name).weight.float().to(m.A.device)
+        err = torch.linalg.matrix_norm(w - m.merged_weight().float()).item()
+        rows.append({"layer": name, "error": err, "rel": err / torch.linalg.matrix_norm(w).item()})
+    return rows
+
+
+@torch.no_grad()
 def qlora_init(w, bits, group_size, rank):
     """QLoRA: Q = RTN(W), standard A, B = 0, so the start W' = Q differs from W."""
     q = rtn(w, bits, group_size)
