@@ -1,67 +1,244 @@
-"""ApiQ calibration (Liao et al., EMNLP 2024, arXiv 2402.05147, eq. (1); METHOD.md §4):
-initialise the quantized weights Q (learnable clipping gamma, beta) and the LoRA factors A, B so
-that the quantized model's activations match the full-precision model's, block by block.
+"""ApiQ calibration (Liao et al., EMNLP 2024, arXiv 2402.05147, section 3): initialise the
+quantized weights Q (learnable clipping gamma, beta) and the LoRA factors A, B so that the
+quantized model's activations match the full-precision model's, block by block.
 
-    python calibrate.py --bits 2 --ckpt llama2-7b                  # the paper's setting, one GPU
-    python calibrate.py --bits 2 --quick                           # SmolLM2-135M on a laptop CPU
+    python calibrate.py --bits 2 --ckpt llama2-7b           # the paper's setting, one GPU
+    python calibrate.py --bits 2 --quick                    # SmolLM2-135M on a laptop CPU
+    python calibrate.py --bits 2 --method loftq             # a baseline init of section 3
 
-ApiQ-bw (default) trains a whole transformer block F at once:
+Every initialisation of section 3 is made here (--method): rtn, qlora and loftq are data-free
+(lora.py); lw (ApiQ-lw) and bw (ApiQ-bw, the default) train on calibration windows. Going
+through the blocks in order, with X the block's input in the full-precision model and X^q its
+input in the model quantized so far, ApiQ-bw takes optimizer steps on windows of X^q with
 
-    argmin_{gamma, beta, A, B} || F(W, X) - F(Q, A, B, X^q) ||^2                      eq. (1)
+    loss = ||F(W, X) - F_q(X^q)||^2                                          eq. (1)
+         + ||F(W, X^q) - F_q(X^q)||^2                       --aug-loss (on by default, as the official scripts)
+         + lambda_l sum_i alpha_i (w_i - W_eff,i)^2          --saliency: Cao & Aref (arXiv 2504.13932) eq. (2)
 
-X is the block's input in the full-precision model, X^q its input in the already quantized
-model. ApiQ-lw (--method lw) does the same one linear at a time, || X W^T - X^q (Q + s B A)^T ||^2.
-Only the current block is on the device. After every block the trained tensors are written
-atomically to OUT/blocks/, so a killed run continues (same command, or --resume) from the last
-finished block; the activations are recomputed by replaying the finished blocks, which on CPU
-gives a bit-identical result. The result is a quantized model directory (qmodel.py format).
+over gamma, beta, A, B of the block's seven linears: bw_objective, below. F is the block,
+F_q the block with every linear y = x Q(W)^T + s (x A^T) B^T, ||.||^2 the mean square over the
+output's elements. ApiQ-lw trains one linear at a time on ||X W^T - X^q (Q + s B A)^T||^2
+(lw_objective). Only the current block is on the device. After every block its quantized
+tensors are written atomically to OUT/blocks/, so a killed run continues (same command) from
+the last finished block, bit-identical on CPU. The result is a quantized model directory
+(qmodel.py); the paper's settings are in docs/method.md.
 """
 import copy
 import json
 import math
-import resource
+import shutil
+import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lora import QuantLinear, quant_linears, swap_linears, weight_errors
+from cli import DTYPES, arg, check_writable, peak_memory_gib, reset_peak_memory, result_settings, write_json
+from llama import LINEARS, check_seqlen
+from lora import QuantLinear, quant_linears, swap_linears, use_qweights, weight_errors
+from qmodel import INITS, check_linears, linear_tensors, load, require_fp, round_kept_params, save_quantized
 
-LINEAR_ORDER = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")  # order of use in a block
-# settings that change the result: a resumed run must have the same ones
-RESULT_KEYS = ("ckpt", "bits", "group_size", "rank", "alpha", "method", "nsamples", "seqlen", "seed", "epochs",
-               "lr_clip", "lr_lora", "wd", "aug_loss", "dataset", "dtype", "saliency", "sal_lambda",
-               "sal_multiplier", "sal_variant", "weight_penalty")
-
-
-def reset_peak_memory(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:  # Linux: writing 5 resets the resident high-water mark VmHWM
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
+METHODS = ("bw", "lw") + INITS
+ON_GPU = torch.cuda.is_available()
 
 
-def peak_memory_gib(device) -> float:
-    """Peak since reset_peak_memory: device memory on CUDA, resident host memory on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(status.split("VmHWM:")[1].split()[0]) / 2**20            # kB
-    except (OSError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # lifetime peak, KiB
+@dataclass
+class Config:
+    """One run of calibrate.py. The defaults are the ApiQ paper's main setting (section 4)."""
+    ckpt: str = arg("smollm2-135m", "checkpoint to quantize: a path or a name (README, Checkpoints)")
+    method: str = arg("bw", "bw = ApiQ-bw, lw = ApiQ-lw; rtn, qlora, loftq = the data-free inits", choices=METHODS)
+    bits: int = arg(2, "weight bits (1..8)")
+    group_size: int = arg(64, "quantization group size (input columns per scale and zero)")
+    rank: int = arg(64, "LoRA rank r")
+    lora_alpha: float = arg(16.0, "LoRA alpha: the update B A is scaled by lora_alpha / rank")
+    loftq_iters: int = arg(5, "LoftQ alternating steps T (--method loftq)")
+    nsamples: int = arg(128, "calibration windows")
+    seqlen: int = arg(2048, "tokens per calibration window")
+    epochs: int = arg(20, "passes over the windows per block")
+    batch_size: int = arg(1, "windows per optimizer step")
+    seed: int = arg(0, "seed of the window sampler and of the LoRA init")
+    lr_clip: float = arg(5e-3, "AdamW learning rate of the clipping logits gamma, beta")
+    lr_lora: float = arg(5e-4, "AdamW learning rate of A and B")
+    wd: float = arg(0.1, "AdamW weight decay (both groups)")
+    aug_loss: bool = arg(True, "also match F(W, X^q), as the official scripts do")
+    lr_schedule: str = arg("constant", "learning rates over a block's steps: constant (paper), or decaying to 0 "
+                           "linearly or along a cosine", choices=("constant", "linear", "cosine"))
+    learn_rounding: bool = arg(False, "beyond the paper: also learn a rounding offset per weight in [-0.5, 0.5] "
+                               "(AutoRound); the codes stay N-bit")
+    lr_round: float = arg(5e-3, "AdamW learning rate of the rounding offsets (--learn-rounding)")
+    lora_init: str = arg("standard", "A, B at the start of a block: standard (A random, B = 0; paper) or svd "
+                         "(rank-r SVD of W - Q(W), one LoftQ step)", choices=("standard", "svd"))
+    dataset: str = arg("wikitext2", "calibration text", choices=("wikitext2", "c4"))
+    saliency: Optional[str] = arg(None, "saliency directory from saliency.py: adds the penalty of Cao & Aref eq. (2)")
+    sal_lambda: float = arg(1.0, "penalty strength lambda")
+    sal_multiplier: float = arg(1.0, "lambda_l = lambda * multiplier^l")
+    sal_variant: str = arg("after", "penalise Q(W) + sBA (after, AfterLoRA) or Q(W) (before)", choices=("after", "before"))
+    weight_penalty: float = arg(0.0, "strength of the naive unweighted penalty (alpha_i = 1)")
+    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and cached activations (CPU: fp32)", choices=tuple(DTYPES))
+    quick: bool = arg(False, "the CPU recipe: 32 windows x 256 tokens, 2 epochs", result=False)
+    out: Optional[str] = arg(None, "output directory (default out/<ckpt>-<method>-w<bits>g<group>)", result=False)
+    data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
+    stop_after: Optional[int] = arg(None, "calibrate this many blocks, then stop (the same command continues)",
+                                    result=False, type=int)
+    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
+    threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
+
+
+QUICK = dict(nsamples=32, seqlen=256, epochs=2)  # --quick: the CPU recipe of README's demo
+
+
+def make_config(**given) -> Config:
+    """Config from the given settings, --quick's recipe filling what was not given."""
+    return Config(**(QUICK if given.get("quick") else {}) | given)
+
+
+# ---- the objective of one optimizer step
+
+def bw_objective(qb, linears, xq, y, y2, freqs, ctx, penalty=None, l=0):
+    """ApiQ-bw on windows X^q (B, T, dim) of block l with targets Y = F(W, X), Y2 = F(W, X^q):
+
+        loss = ||Y - F_q(X^q)||^2 [+ ||Y2 - F_q(X^q)||^2] [+ lambda_l sum_i alpha_i (w_i - W_eff,i)^2]
+
+    linears: {name: QuantLinear} of the block qb. Returns (loss, its parts for the progress bar)."""
+    qs = [m.qweight() for m in linears.values()]      # Q(W) of this step, differentiable in gamma, beta
+    with use_qweights(linears.values(), qs), ctx:
+        out = qb(xq, freqs).float()                    # F_q(X^q), (B, T, dim)
+    mse = F.mse_loss(out, y.float())                   # eq. (1)
+    if y2 is not None:
+        mse = mse + F.mse_loss(out, y2.float())        # --aug-loss
+    if penalty is None:
+        return mse, {"mse": mse.item()}
+    pen = penalty(l, linears, qs)                      # Cao & Aref eq. (2)
+    return mse + pen, {"mse": mse.item(), "pen": pen.item()}
+
+
+def lw_objective(name, lin, x, xq, w, ctx, penalty=None, l=0):
+    """ApiQ-lw for one linear on its inputs X (B, T, in) in the fp block and X^q in the quantized one:
+
+        loss = ||X W^T - X^q (Q(W) + s B A)^T||^2 [+ lambda_l sum_i alpha_i (w_i - W_eff,i)^2]"""
+    q = lin.qweight()
+    with use_qweights([lin], [q]), ctx:
+        out = lin(xq).float()                          # X^q (Q + s B A)^T, (B, T, out)
+    mse = F.mse_loss(out, F.linear(x, w).float())      # against X W^T
+    if penalty is None:
+        return mse, {"mse": mse.item()}
+    pen = penalty(l, {name: lin}, [q])
+    return mse + pen, {"mse": mse.item(), "pen": pen.item()}
+
+
+# ---- training one block
+
+def lr_factor(schedule, step, total):
+    """Multiplier of the learning rates at `step` of `total` (a block's steps)."""
+    if schedule == "linear":
+        return 1 - step / total
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+    return 1.0
+
+
+def train(linears, objective, n, cfg, desc, lr_scale=1.0):
+    """AdamW, parameter groups clipping and LoRA (the paper's) and rounding offsets
+    (--learn-rounding, no weight decay), cfg.epochs passes over the n windows in fixed order,
+    cfg.batch_size windows a step. objective(slice) -> (loss, parts). Returns False if a loss
+    went non-finite (the caller retries with lower learning rates)."""
+    linears = list(linears)
+    clip = [p for m in linears for p in m.clip_parameters()]
+    lora = [p for m in linears for p in m.lora_parameters()]
+    offsets = [p for m in linears for p in m.round_parameters()]
+    groups = [{"params": clip, "lr": cfg.lr_clip * lr_scale}, {"params": lora, "lr": cfg.lr_lora * lr_scale}]
+    if offsets:
+        groups.append({"params": offsets, "lr": cfg.lr_round * lr_scale, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
+    for p in clip + lora + offsets:
+        p.requires_grad_(True)
+        p.grad = None
+    starts = range(0, n, cfg.batch_size)
+    total = cfg.epochs * len(starts)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(cfg.lr_schedule, k, total))
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=1.0)
+    for _ in range(cfg.epochs):
+        for i in starts:
+            loss, parts = objective(slice(i, i + cfg.batch_size))
+            if not torch.isfinite(loss):
+                bar.close()
+                return False
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for v in offsets:
+                    v.clamp_(-0.5, 0.5)      # V stays a rounding offset: W / step moves by less than one code
+            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()}, refresh=False)
+            bar.update()
+    bar.close()
+    return True
+
+
+def quant_block(fp_block, cfg, seed):
+    """A copy of the block with its seven linears as QuantLinear (clipping logits 4.0, LoRA init
+    seeded per block, so a resumed run draws the same A). Shares the fp weights: no copy."""
+    qb = copy.deepcopy(fp_block, memo={id(p): p for p in fp_block.parameters()})
+    torch.manual_seed(seed)
+    swap_linears(qb, lambda lin: QuantLinear.from_linear(lin, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha,
+                                                         cfg.learn_rounding))
+    if cfg.lora_init == "svd":
+        for _, m in quant_linears(qb):
+            svd_start(m)
+    return qb
+
+
+@torch.no_grad()
+def svd_start(m):
+    """A, B from the rank-r SVD of W - Q(W) at the starting clipping (one step of LoftQ's
+    Algorithm 1), so the block starts at Q + s B A, closer to W than Q alone."""
+    w = m.weight.float()
+    u, sv, vh = torch.linalg.svd(w - m.qweight().float(), full_matrices=False)   # (out, k), (k,), (k, in)
+    root = (sv[:m.rank] / m.scaling).sqrt()                                       # s B A = U S V^T
+    m.B.copy_(u[:, :m.rank] * root)                                               # (out, r)
+    m.A.copy_(root.unsqueeze(1) * vh[:m.rank])                                    # (r, in)
+
+
+def calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, cfg, device, ctx, penalty=None):
+    """Train block l; returns (the quantized block, frozen, on the device; retries needed)."""
+    def dev(t, idx):
+        return None if t is None else t[idx].to(device)
+
+    for attempt, lr_scale in enumerate((1.0, 0.5)):
+        qb = quant_block(fp_block, cfg, cfg.seed + l).to(device)
+        linears = dict(quant_linears(qb))
+        desc = f"block {l} {cfg.method}"
+        if cfg.method == "bw":
+            ok = train(linears.values(), lambda i: bw_objective(qb, linears, dev(Xq, i), dev(Y, i), dev(Y2, i),
+                                                                freqs, ctx, penalty, l), len(Xq), cfg, desc, lr_scale)
+            if ok:
+                for m in linears.values():
+                    m.freeze()
+        else:
+            for name in LINEARS:             # in the order of use: each sees its frozen predecessors
+                lin, w = linears[name], fp_block.get_submodule(name).weight
+                x, xq = capture_inputs(fp_block, qb, name, X, Xq, freqs, device, ctx)
+                ok = train([lin], lambda i: lw_objective(name, lin, dev(x, i), dev(xq, i), w, ctx, penalty, l),
+                           len(Xq), cfg, f"{desc} {name}", lr_scale)
+                if not ok:
+                    break
+                lin.freeze()
+        if ok:
+            return qb, attempt
+        tqdm.write(f"block {l}: non-finite loss, retrying with learning rates x{lr_scale / 2}")
+    raise FloatingPointError(f"block {l}: the loss became NaN/inf twice (also with halved learning rates); "
+                             f"try --dtype fp32 or lower --lr-clip / --lr-lora")
 
 
 @torch.no_grad()
 def run_block(block, X, freqs, device, ctx, out_dtype):
-    """block(X[i]) for every sample, one at a time (batch size 1, as in training)."""
+    """block(X[i]) for every window, one at a time."""
     outs = []
     for i in range(len(X)):
         with ctx:
@@ -71,98 +248,13 @@ def run_block(block, X, freqs, device, ctx, out_dtype):
 
 @torch.no_grad()
 def block_mse(block, Xq, Y, freqs, device, ctx):
-    """Mean over samples of mse(Y, F_q(X^q)): the block's activation error."""
+    """Mean over windows of mse(Y, F_q(X^q)): the block's activation error."""
     total = 0.0
     for i in range(len(Xq)):
         with ctx:
             out = block(Xq[i:i + 1].to(device), freqs)
         total += F.mse_loss(out.float(), Y[i:i + 1].to(device).float()).item()
     return total / len(Xq)
-
-
-def quant_block(fp_block, a, seed):
-    """A copy of the block with its seven linears as QuantLinear (clipping logits 4.0, LoRA
-    init seeded per block so a resumed run draws the same A)."""
-    qb = copy.deepcopy(fp_block, memo={id(p): p for p in fp_block.parameters()})  # shares W, no copy
-    torch.manual_seed(seed)
-    swap_linears(qb, lambda lin: QuantLinear.from_linear(lin, a.bits, a.group_size, a.rank, a.alpha, clip=True))
-    return qb
-
-
-def train(qb, modules, loss_fn, n, a, desc, lr_scale=1.0):
-    """AdamW, two groups (clipping, LoRA), batch 1, a.epochs passes in fixed sample order.
-    Returns False if a loss went non-finite (the caller retries with lower learning rates)."""
-    clip = [p for m in modules for p in m.clip_parameters()]
-    lora = [p for m in modules for p in m.lora_parameters()]
-    opt = torch.optim.AdamW([{"params": clip, "lr": a.lr_clip * lr_scale},
-                             {"params": lora, "lr": a.lr_lora * lr_scale}], weight_decay=a.wd)
-    for p in clip + lora:  # ApiQ-lw: a later linear may hold gradients from earlier penalty terms
-        p.grad = None
-    bar = tqdm(total=a.epochs * n, desc=desc, unit="step", leave=False, mininterval=1.0)
-    for epoch in range(a.epochs):
-        for i in range(n):
-            loss, parts = loss_fn(i)
-            if not torch.isfinite(loss):
-                bar.close()
-                return False
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()}, refresh=False)
-            bar.update()
-    bar.close()
-    return True
-
-
-def calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, a, device, ctx, penalty=None):
-    """Train block l (METHOD.md §4 step 3); returns the trained quantized block on the device."""
-    for attempt, lr_scale in enumerate((1.0, 0.5)):
-        qb = quant_block(fp_block, a, a.seed + l).to(device)
-        qb.requires_grad_(False)
-        mods = dict(quant_linears(qb))
-        for m in mods.values():
-            for p in m.clip_parameters() + m.lora_parameters():
-                p.requires_grad_(True)
-        groups = [list(mods.values())] if a.method == "bw" else [[mods[n]] for n in LINEAR_ORDER]
-        ok = True
-        for group in groups:
-            if a.method == "bw":
-                def loss_fn(i):
-                    with ctx:
-                        out = qb(Xq[i:i + 1].to(device), freqs).float()
-                    y = Y[i:i + 1].to(device).float()
-                    mse = F.mse_loss(out, y)                                           # eq. (1)
-                    if Y2 is not None:  # --aug-loss: also match F(W, X^q), as the official scripts
-                        mse = mse + F.mse_loss(out, Y2[i:i + 1].to(device).float())
-                    return with_penalty(mse, penalty, qb, l)
-            else:
-                lin = group[0]
-                name = next(n for n, m in mods.items() if m is lin)
-                xin, xqin = capture_inputs(fp_block.to(device), qb, name, X, Xq, freqs, device, ctx)
-                w = fp_block.get_submodule(name).weight
-
-                def loss_fn(i):
-                    with ctx:
-                        out = lin(xqin[i:i + 1].to(device)).float()
-                    target = F.linear(xin[i:i + 1].to(device), w).float()            # X W^T
-                    return with_penalty(F.mse_loss(out, target), penalty, qb, l)
-            ok = ok and train(qb, group, loss_fn, len(Xq), a, f"block {l} {a.method}", lr_scale)
-            if not ok:
-                break
-            for m in group:
-                m.freeze()
-        if ok:
-            return qb, attempt
-        tqdm.write(f"block {l}: non-finite loss, retrying with learning rates x{lr_scale / 2}")
-    raise FloatingPointError(f"block {l}: the loss became NaN/inf twice (also with halved learning rates); "
-                             f"try --dtype fp32 or lower --lr-clip / --lr-lora")
-
-
-def with_penalty(mse, penalty, qb, l):
-    if penalty is None:
-        return mse, {"mse": mse.item()}
-    pen = penalty(qb, l)
-    return mse + pen, {"mse": mse.item(), "pen": pen.item()}
 
 
 @torch.no_grad()
@@ -172,212 +264,217 @@ def capture_inputs(fp_block, qb, name, X, Xq, freqs, device, ctx):
         got = []
         h = block.get_submodule(name).register_forward_hook(lambda m, i, o: got.append(i[0][0].to(inputs.device)))
         try:
-            for i in range(len(inputs)):
-                with ctx:
-                    block(inputs[i:i + 1].to(device), freqs)
+            run_block(block, inputs, freqs, device, ctx, inputs.dtype)
         finally:
             h.remove()
         return torch.stack(got)                                               # (n, T, in)
     return grab(fp_block, X), grab(qb, Xq)
 
 
-def block_stats(qb, fp_block):
-    """Per-block weight error ||W - (Q + s B A)||_F joined over the seven linears (paper fig. 3)."""
-    return math.sqrt(sum(r["error"] ** 2 for r in weight_errors(qb, fp_block)))
-
+# ---- the block loop: resumable, one block on the device at a time
 
 def save_block(out: Path, l: int, qb):
     from safetensors.torch import save_file
-    tensors = {f"{n}.{k}": getattr(m, k).detach().cpu().contiguous()
-               for n, m in quant_linears(qb) for k in ("gamma", "beta", "A", "B")}
-    tmp = out / "blocks" / f".block_{l:03d}.tmp"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp))
-    tmp.replace(out / "blocks" / f"block_{l:03d}.safetensors")
+
+    from cli import atomic_write
+    tensors = {k: v for name, m in quant_linears(qb) for k, v in linear_tensors(name, m).items()}
+    atomic_write(out / "blocks" / f"block_{l:03d}.safetensors", lambda tmp: save_file(tensors, tmp))
 
 
-def load_block(out: Path, l: int, qb):
+def load_block(out: Path, l: int, fp_block, cfg, device):
+    """The quantized block l of an earlier run, as calibrate_block returned it."""
     from safetensors.torch import load_file
-    t = load_file(str(out / "blocks" / f"block_{l:03d}.safetensors"))
-    with torch.no_grad():
-        for n, m in quant_linears(qb):
-            for k in ("gamma", "beta", "A", "B"):
-                getattr(m, k).copy_(t[f"{n}.{k}"])
-            m.freeze()
+    t = load_file(str(out / "blocks" / f"block_{l:03d}.safetensors"), device=str(device))
+    qb = copy.deepcopy(fp_block, memo={id(p): p for p in fp_block.parameters()})
+    swap_linears(qb, lambda lin: None)
+    for name in LINEARS:
+        lin = fp_block.get_submodule(name)
+        m = QuantLinear(lin.weight, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha, clip=False,
+                        A=t[f"{name}.A"], B=t[f"{name}.B"], bias=lin.bias, scale=t[f"{name}.scale"],
+                        zero=t[f"{name}.zero"].float())
+        m.codes = t[f"{name}.qweight"]
+        m.cache_qweight()
+        parent, _, child = name.rpartition(".")
+        setattr(qb.get_submodule(parent), child, m)
     return qb
 
 
-def start_or_resume(out: Path, config: dict, resume: bool) -> list:
+def start_or_resume(out: Path, settings: dict) -> list:
     """The per-block logs of the finished blocks of an earlier run of the same settings in OUT."""
     if (out / "apiq.json").exists():
         raise ValueError(f"{out} already holds a finished model: choose another --out (nothing was overwritten)")
     progress = out / "progress.json"
     if not progress.exists():
-        if resume:
-            raise FileNotFoundError(f"--resume: {out} holds no unfinished calibration (no progress.json)")
         return []
     old = json.loads(progress.read_text())
-    diff = [f"{k}: {old['config'].get(k)!r} there, {config.get(k)!r} now" for k in RESULT_KEYS
-            if old["config"].get(k) != config.get(k)]
+    diff = [f"{k}: {old['settings'].get(k)!r} there, {v!r} now" for k, v in settings.items()
+            if old["settings"].get(k) != v]
     if diff:
         raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}): use the same settings "
                          f"to continue it or another --out (nothing was overwritten)")
-    blocks = old["blocks"]
-    print(f"resuming {out}: {len(blocks)} block(s) already calibrated")
-    return blocks
+    print(f"resuming {out}: {len(old['blocks'])} block(s) already calibrated")
+    return old["blocks"]
 
 
-def keep_light(qb, src):
-    """The calibrated block as held until the final save: its QuantLinear point back at the
-    checkpoint's own weights (mmap'd, original dtype) instead of the fp32 working copies, and
-    cache no Q(W), so the host never holds a second full copy of the model. export() quantizes
-    in fp32 from these same values, so the saved codes are unchanged."""
+def to_host(qb):
+    """The calibrated block as kept until the final save: on the host, packed codes only (no
+    fp W, no cached Q(W)), so the host never holds a second full copy of the model."""
     qb = qb.cpu()
-    for name, m in quant_linears(qb):
-        m.weight = src.get_submodule(name).weight.detach()
-        m.w_hat, m._stamp = None, None
-        for p in m.clip_parameters() + m.lora_parameters():
-            p.grad = None
+    for _, m in quant_linears(qb):
+        m.weight = None
+        m.drop_cache()
+        m.A.grad = m.B.grad = None
     return qb
 
 
-QUICK = dict(nsamples=32, seqlen=256, epochs=2)  # the CPU demo (README); the paper: 128 x 2048, 20 epochs
+def block_log(l, qb, fp_block, Xq_next, Y, mse_before, retries, t0, device, linears, penalty):
+    mse_after = (Xq_next.float() - Y.float()).pow(2).mean().item()
+    target_ms = Y.float().pow(2).mean().item()
+    log = {"block": l, "mse_before": mse_before, "mse_after": mse_after, "target_ms": target_ms,
+           "rel_before": mse_before / target_ms, "rel_after": mse_after / target_ms,
+           "weight_error": math.sqrt(sum(r["error"] ** 2 for r in weight_errors(qb, fp_block))),
+           "retries": retries, "seconds": round(time.time() - t0, 2), "peak_gib": round(peak_memory_gib(device), 3)}
+    if penalty is not None:
+        log.update(penalty.report(l, linears, mse_after))
+    return log
 
 
-def main(a):
-    from cli import check_writable, write_json
-    from data import calib_windows
-    from llama import load
-    from qmodel import check_linears, round_kept_params, save_quantized
-    from quant import validate
+def print_log(log, n_layers, prev_target_ms):
+    line = (f"block {log['block']:2d}/{n_layers}: mse {log['mse_before']:.4g} -> {log['mse_after']:.4g} "
+            f"(rel {log['rel_before']:.3%} -> {log['rel_after']:.3%}), {log['seconds']:.1f} s, "
+            f"peak {log['peak_gib']:.2f} GiB")
+    if log["retries"]:
+        line += f", retried {log['retries']}x"
+    if "penalty" in log:
+        line += f", penalty {log['penalty']:.4g} ({log['penalty_over_mse']:.3g} x mse)"
+    if prev_target_ms and log["target_ms"] > 10 * prev_target_ms:
+        line += (f"\n  (the hidden states' mean square grew x{log['target_ms'] / prev_target_ms:.0f} here: a few "
+                 f"huge channels appear, so the absolute mse jumps; the relative error compares blocks)")
+    tqdm.write(line)
 
-    for k, v in QUICK.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v if a.quick else {"nsamples": 128, "seqlen": 2048, "epochs": 20}[k])
-    validate(a.bits, a.group_size, a.group_size)
-    if min(a.nsamples, a.seqlen, a.epochs, a.rank) <= 0:
-        raise ValueError("--nsamples, --seqlen, --epochs and --rank must be positive")
-    name = Path(a.ckpt).name.removesuffix(".gguf") if Path(a.ckpt).exists() else a.ckpt
-    out = Path(a.out or f"out/{name}-apiq-{a.method}-w{a.bits}g{a.group_size}{'-quick' if a.quick else ''}")
-    check_writable(out)
-    device = torch.device(a.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    if device.type == "cpu" and dtype != torch.float32:
-        raise ValueError("on CPU calibration runs in fp32 (--dtype fp32)")
-    config = dict(vars(a))
-    done = start_or_resume(out, config, a.resume)
-    print("config:", json.dumps(config))
-    if a.threads:
-        torch.set_num_threads(a.threads)
 
-    # the checkpoint stays on the host in its own dtype (mmap'd where the format allows): only
-    # the block being calibrated is copied, converted and moved to the device
-    model, tok = load(a.ckpt, device="cpu", dtype=None)
-    if any(True for _ in quant_linears(model)):
-        raise ValueError(f"{a.ckpt} is already quantized: calibrate the full-precision checkpoint")
-    check_linears(model, a.group_size)
-    if a.seqlen > model.args.max_seq_len:
-        raise ValueError(f"--seqlen {a.seqlen} is beyond the model's context of {model.args.max_seq_len}")
-    round_kept_params(model)  # embeddings/norms as they will be stored
-    tokens = calib_windows(tok, a.nsamples, a.seqlen, a.seed, a.dataset, a.data_dir)  # (n, T)
-    penalty = None
-    if a.saliency or a.weight_penalty:
-        from saliency import make_penalty
-        penalty = make_penalty(a, model)
-
-    write_json(out / "config.json", config)  # after every input check: a refused run leaves nothing
-
+def calibrate_blocks(model, tokens, cfg, out, done, penalty):
+    """The block loop (steps 1-4 of the paper's procedure). Returns the per-block logs, or None
+    when --stop-after stopped it early."""
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     # activations live on the device when 4 copies fit in half its free memory, else on the host
     act_bytes = 4 * tokens.numel() * model.args.dim * dtype.itemsize
     cache = device if device.type == "cuda" and act_bytes < 0.5 * torch.cuda.mem_get_info()[0] else torch.device("cpu")
     ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
-    freqs = model.freqs_cis(a.seqlen, device)
+    freqs = model.freqs_cis(cfg.seqlen, device)
     with torch.no_grad():
-        X = model.tok_embeddings(tokens).to(device=cache, dtype=dtype)             # (n, T, dim)
+        X = model.tok_embeddings(tokens).to(device=cache, dtype=dtype)            # (n, T, dim)
     if cache.type == "cpu" and device.type == "cuda":
         X = X.pin_memory()
-    Xq = X                                   # step 1: X = X^q = embeddings
-    logs = list(done)
-    t_all = time.time()
-    for l in range(model.args.n_layers):
+    Xq, logs, n_layers = X, list(done), model.args.n_layers                      # 1. X = X^q = embeddings
+    for l in tqdm(range(n_layers), desc="blocks", unit="block"):
         t0 = time.time()
         reset_peak_memory(device)
         fp_block = copy.deepcopy(model.layers[l]).to(device=device, dtype=dtype)
-        Y = run_block(fp_block, X, freqs, device, ctx, X.dtype)                    # step 2: targets F(W, X)
-        if l < len(done):                    # finished in an earlier run: replay it
-            qb = load_block(out, l, quant_block(fp_block, a, a.seed + l).to(device))
+        Y = run_block(fp_block, X, freqs, device, ctx, X.dtype)                   # 2. targets F(W, X)
+        if l < len(done):                                                         # finished earlier: replay
+            qb = load_block(out, l, fp_block, cfg, device)
             Xq_next = run_block(qb, Xq, freqs, device, ctx, X.dtype)
         else:
-            Y2 = (Y if Xq is X else run_block(fp_block, Xq, freqs, device, ctx, X.dtype)) if a.aug_loss else None
-            mse_before = block_mse(quant_block(fp_block, a, a.seed + l).to(device), Xq, Y, freqs, device, ctx)
-            qb, retries = calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, a, device, ctx, penalty)   # step 3
+            Y2 = (Y if Xq is X else run_block(fp_block, Xq, freqs, device, ctx, X.dtype)) if cfg.aug_loss else None
+            mse_before = block_mse(quant_block(fp_block, cfg, cfg.seed + l).to(device), Xq, Y, freqs, device, ctx)
+            qb, retries = calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, cfg, device, ctx, penalty)  # 3. train
             Xq_next = run_block(qb, Xq, freqs, device, ctx, X.dtype)
-            mse_after = (Xq_next.float() - Y.float()).pow(2).mean().item()
-            target_ms = Y.float().pow(2).mean().item()
-            log = {"block": l, "mse_before": mse_before, "mse_after": mse_after, "target_ms": target_ms,
-                   "rel_before": mse_before / target_ms, "rel_after": mse_after / target_ms,
-                   "weight_error": block_stats(qb, fp_block), "retries": retries,
-                   "seconds": round(time.time() - t0, 2), "peak_gib": round(peak_memory_gib(device), 3)}
-            if penalty is not None:
-                log.update(penalty.report(qb, l, mse_after))
+            logs.append(block_log(l, qb, fp_block, Xq_next, Y, mse_before, retries, t0, device,
+                                  dict(quant_linears(qb)), penalty))
             save_block(out, l, qb)
-            logs.append(log)
-            write_json(out / "progress.json", {"config": config, "blocks": logs})
-            tqdm.write(f"block {l:2d}/{model.args.n_layers}: mse {mse_before:.4g} -> {mse_after:.4g} "
-                       f"(rel {log['rel_before']:.3%} -> {log['rel_after']:.3%}), {log['seconds']:.1f} s, "
-                       f"peak {log['peak_gib']:.2f} GiB" + (f", retried {retries}x" if retries else "")
-                       + (f", penalty {log['penalty']:.4g} ({log['penalty_over_mse']:.3g} x mse)" if penalty else ""))
-        model.layers[l] = keep_light(qb, model.layers[l])  # step 4: freeze, X <- Y, X^q <- F_q(X^q)
+            write_json(out / "progress.json", {"settings": result_settings(cfg), "blocks": logs})
+            print_log(logs[-1], n_layers, logs[-2]["target_ms"] if l > 0 else None)
+        model.layers[l] = to_host(qb)                                             # 4. freeze, move on
         del fp_block, qb
         X, Xq = Y, Xq_next
-        if a.stop_after and l + 1 - len(done) >= a.stop_after and l + 1 < model.args.n_layers:
-            print(f"stopped after {a.stop_after} block(s) as asked; the same command continues from block {l + 1}")
+        if cfg.stop_after and l + 1 - len(done) >= cfg.stop_after and l + 1 < n_layers:
+            print(f"stopped after {cfg.stop_after} block(s) as asked; the same command continues from block {l + 1}")
+            return None
+    return logs
+
+
+# ---- the script
+
+def check_config(cfg):
+    from quant import validate
+    validate(cfg.bits, cfg.group_size, cfg.group_size)
+    if min(cfg.nsamples, cfg.seqlen, cfg.epochs, cfg.batch_size, cfg.loftq_iters) <= 0 or cfg.rank < 0:
+        raise ValueError("--nsamples, --seqlen, --epochs, --batch-size and --loftq-iters must be positive, --rank >= 0")
+    if cfg.rank == 0 and cfg.method not in ("rtn",):
+        raise ValueError(f"--method {cfg.method} needs a LoRA rank > 0")
+    if torch.device(cfg.device).type == "cpu" and cfg.dtype != "fp32":
+        raise ValueError("on CPU calibration runs in fp32 (--dtype fp32)")
+
+
+def output_dir(cfg) -> Path:
+    name = Path(cfg.ckpt).name.removesuffix(".gguf") if Path(cfg.ckpt).exists() else cfg.ckpt
+    tag = f"apiq-{cfg.method}" if cfg.method in ("bw", "lw") else cfg.method
+    return Path(cfg.out or f"out/{name}-{tag}-w{cfg.bits}g{cfg.group_size}{'-quick' if cfg.quick else ''}")
+
+
+def info(cfg, **extra) -> dict:
+    """What apiq.json records of how the model was made: only the settings this method uses."""
+    unused = {"rtn": ("rank", "lora_alpha"), "qlora": (), "loftq": ()}.get(cfg.method, ("loftq_iters",))
+    data = ("nsamples", "seqlen", "epochs", "batch_size", "seed", "lr_clip", "lr_lora", "wd", "aug_loss", "dataset",
+            "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty")
+    skip = set(unused) | (set(data) if cfg.method in INITS else set())
+    made_by = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    method = f"apiq-{cfg.method}" if cfg.method in ("bw", "lw") else cfg.method
+    return {"method": method, "source": cfg.ckpt, "made_by": made_by, **extra}
+
+
+def main(cfg: Config):
+    from data import calib_windows
+    from saliency import make_penalty
+
+    check_config(cfg)
+    out = output_dir(cfg)
+    check_writable(out)
+    done = start_or_resume(out, result_settings(cfg)) if cfg.method in ("bw", "lw") else []
+    if cfg.method in INITS and (out / "apiq.json").exists():
+        raise ValueError(f"{out} already holds a finished model: choose another --out (nothing was overwritten)")
+    print("config:", json.dumps(asdict(cfg)))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # the checkpoint stays on the host in its own dtype (mmap'd where the format allows): only
+    # the block being calibrated is copied, converted and moved to the device
+    model, tok = load(cfg.ckpt, device="cpu", dtype=None)
+    require_fp(model, cfg.ckpt)
+    check_linears(model, cfg.group_size)
+    if cfg.method not in INITS:
+        check_seqlen(model.args, cfg.seqlen)
+    round_kept_params(model)                 # embeddings/norms as they will be stored
+    t0 = time.time()
+    if cfg.method in INITS:
+        from qmodel import quantize_model
+        quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha, cfg.loftq_iters)
+    else:
+        tokens = calib_windows(tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.data_dir)  # (n, T)
+        penalty = make_penalty(model, cfg.saliency, cfg.sal_lambda, cfg.sal_multiplier, cfg.sal_variant,
+                               cfg.weight_penalty)
+        logs = calibrate_blocks(model, tokens, cfg, out, done, penalty)
+        if logs is None:
             return out
-    seconds = time.time() - t_all
-    write_json(out / "calib_log.json", {"config": config, "blocks": logs})
-    save_quantized(model, tok, out, {"method": f"apiq-{a.method}", "source": a.ckpt, "made_by": config,
-                                     "calibration_seconds": round(seconds, 1)})
+        write_json(out / "calib_log.json", {"config": asdict(cfg), "blocks": logs})
+    seconds = time.time() - t0
+    save_quantized(model, tok, out, info(cfg, calibration_seconds=round(seconds, 1)))
     (out / "progress.json").unlink(missing_ok=True)
-    print(f"calibrated {model.args.n_layers} blocks in {seconds / 60:.1f} min; saved {out}")
+    shutil.rmtree(out / "blocks", ignore_errors=True)   # all in model.safetensors now
+    print(f"{cfg.method}: {model.args.n_layers} blocks in {seconds / 60:.1f} min; saved {out}")
     return out
 
 
-if __name__ == "__main__":
+def parse(argv=None) -> Config:
     import argparse
 
-    from cli import run
+    from cli import add_config_args
+    p = argparse.ArgumentParser(description="Quantize a Llama checkpoint with ApiQ (block-wise, resumable) or "
+                                "one of the data-free inits it is compared with.")
+    add_config_args(p, Config)
+    return make_config(**vars(p.parse_args(argv)))
 
-    p = argparse.ArgumentParser(description="ApiQ calibration: quantize a Llama checkpoint block by block.")
-    p.add_argument("--ckpt", default="smollm2-135m", help="checkpoint name or path (see llama.resolve_ckpt)")
-    p.add_argument("--bits", type=int, default=2, help="weight bits (1..8)")
-    p.add_argument("--group-size", type=int, default=64, help="quantization group size (input columns)")
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
-    p.add_argument("--method", default="bw", choices=["bw", "lw"], help="ApiQ-bw (block-wise) or ApiQ-lw (layer-wise)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (paper: 128)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (paper: 2048)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the windows per block (paper: 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the window sampler and LoRA init")
-    p.add_argument("--lr-clip", type=float, default=5e-3, help="AdamW learning rate of the clipping logits")
-    p.add_argument("--lr-lora", type=float, default=5e-4, help="AdamW learning rate of A and B")
-    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (both groups)")
-    p.add_argument("--aug-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="also match F(W, X^q), as the official scripts do")
-    p.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "c4"], help="calibration text")
-    p.add_argument("--data-dir", default=None, help="local data directory (default $APIQ_DATA_DIR or ../shared/data)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"CPU demo: {QUICK['nsamples']} windows x {QUICK['seqlen']} tokens, {QUICK['epochs']} epochs")
-    p.add_argument("--saliency", default=None, help="saliency file from saliency.py: adds the weight-preservation penalty")
-    p.add_argument("--sal-lambda", type=float, default=1.0, help="penalty strength lambda")
-    p.add_argument("--sal-multiplier", type=float, default=1.0, help="lambda_l = lambda * multiplier^l")
-    p.add_argument("--sal-variant", default="after", choices=["after", "before"],
-                   help="penalise Q(W) + sBA (AfterLoRA) or Q(W) (BeforeLoRA)")
-    p.add_argument("--weight-penalty", type=float, default=0.0, help="naive unweighted penalty (alpha_i = 1) strength")
-    p.add_argument("--out", default=None, help="output directory (default out/<ckpt>-apiq-<method>-w<bits>g<group>)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out (also automatic)")
-    p.add_argument("--stop-after", type=int, default=None, help="calibrate this many blocks, then stop (continue later)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32" if not torch.cuda.is_available() else "bf16",
-                   choices=["fp32", "bf16", "fp16"], help="weights and cached activations (CPU: fp32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    run(main, p.parse_args())
+
+if __name__ == "__main__":
+    from cli import run
+    run(lambda: main(parse(sys.argv[1:])))

@@ -1,19 +1,28 @@
-"""What every script's __main__ shares: one-line errors for bad input, Ctrl-C, atomic writes.
+"""What every script shares: one-line errors for bad input, Ctrl-C, atomic writes, the dtype
+names, peak memory, and run configs as dataclasses turned into argparse flags.
 
-A script wraps its main in `run(main)`: a ValueError / FileNotFoundError / PermissionError
+A script wraps its main in `run(main, ...)`: a ValueError / FileNotFoundError / PermissionError
 (how this project reports bad input) prints as one line `error: ...` and exits 2; Ctrl-C exits
-130. Set APIQ_DEBUG=1 to see the full traceback instead. Results are written with
+130. Set APIQ_DEBUG=1 to see the full traceback instead. Every result file is written with
 `atomic_write` (temp file + rename), so a crash never leaves a half-written file that looks
 complete.
+
+    python -c "import cli; cli.atomic_write('/tmp/x.txt', 'hello')"
 """
+import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
+from dataclasses import asdict, field, fields
 from pathlib import Path
+
+import torch
 
 # bad input, and a calibration whose loss diverged twice: a clear line, not a traceback
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run(main, *args):
@@ -29,19 +38,28 @@ def run(main, *args):
         sys.exit(130)
 
 
-def atomic_write(path, data, mode="w"):
-    """Write `data` (str or bytes) to path via a temp file in the same directory + os.replace."""
+# ---- files
+
+def atomic_write(path, data):
+    """Write `data` to `path` through a temp file in the same directory and os.replace.
+    data: str, bytes, or a function that writes the file whose path it is given (e.g.
+    `lambda tmp: safetensors.torch.save_file(tensors, tmp)`). The file gets the usual
+    permissions (umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+        else:
+            with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,3 +79,62 @@ def check_writable(directory):
         probe.close()
     except OSError as e:
         raise PermissionError(f"cannot write to {d}: {e.strerror or e}") from None
+
+
+# ---- memory
+
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: writing 5 resets the resident high-water mark VmHWM
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gib(device) -> float:
+    """Peak since reset_peak_memory: device memory on CUDA, resident host memory on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**20            # kB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # lifetime peak, KiB
+
+
+# ---- run configs: one dataclass per script; its fields are the flags, their defaults the paper's
+
+def arg(default, help, result=True, choices=None, type=None):
+    """A config field with its flag's help. result=False: a setting that does not change the
+    result (where to write, threads, ...), so a resumed run may differ in it. type: the flag's
+    type where the default is None (else the default's type)."""
+    return field(default=default, metadata={"help": help, "result": result, "choices": choices,
+                                            "type": type or (str if default is None else _type(default))})
+
+
+def _type(x):
+    return x.__class__
+
+
+def add_config_args(p: argparse.ArgumentParser, cls, shown_defaults=None):
+    """One --flag per field of dataclass `cls`, with its default in the help. A flag that is not
+    given is absent from the parsed namespace (argparse.SUPPRESS), so presets can fill it."""
+    shown = {f.name: f.default for f in fields(cls)} | (shown_defaults or {})
+    for f in fields(cls):
+        flag, meta, default = "--" + f.name.replace("_", "-"), f.metadata, shown[f.name]
+        help = f"{meta['help']} (default: {default})"
+        if meta["type"] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            p.add_argument(flag, type=meta["type"], choices=meta["choices"], default=argparse.SUPPRESS, help=help)
+
+
+def result_settings(config) -> dict:
+    """The fields of a config dataclass that change the result."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.metadata.get("result", True)}
+
+
+def config_json(config) -> str:
+    return json.dumps(asdict(config))

@@ -1,5 +1,5 @@
 """Text data: WikiText-2 raw and C4 validation, from local files or `datasets`, cut into the
-windows the GPTQ/OmniQuant/ApiQ evaluation and calibration protocols use (METHOD.md §4, §6).
+windows the GPTQ/OmniQuant/ApiQ evaluation and calibration protocols use (docs/method.md §4, §6).
 
     python data.py --ckpt smollm2-135m          # prints what is found and how many tokens
 
@@ -88,7 +88,7 @@ def random_doc_windows(tok, docs, n, seqlen, seed):
 
 
 def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
-    """Evaluation windows (n, seqlen), METHOD.md §6: WikiText-2 test non-overlapping, tail dropped;
+    """Evaluation windows (n, seqlen), docs/method.md §6: WikiText-2 test non-overlapping, tail dropped;
     C4: 256 random windows, seed 0."""
     if name == "wikitext2":
         ids = token_stream(tok, "test", data_dir)
@@ -102,7 +102,7 @@ def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
 
 
 def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", data_dir=None) -> torch.Tensor:
-    """Calibration windows (nsamples, seqlen), METHOD.md §4: WikiText-2 train joined with '\\n\\n',
+    """Calibration windows (nsamples, seqlen), docs/method.md §4: WikiText-2 train joined with '\\n\\n',
     window starts drawn with random.randint(0, N - seqlen - 1) from random.seed(seed)."""
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be positive")

@@ -1,8 +1,10 @@
-"""Evaluation (METHOD.md §6): perplexity with the GPTQ/OmniQuant protocol, and greedy generation.
+"""Evaluation of a full-precision checkpoint or of a quantized model directory (calibrate.py):
+perplexity with the GPTQ/OmniQuant protocol, zero-shot accuracy as lm-evaluation-harness scores
+it, the errors of the ApiQ paper's figs. 3-4, and greedy generation. It only evaluates: every
+quantized model is made by calibrate.py (--method rtn|qlora|loftq|lw|bw).
 
     python evaluate.py --ckpt smollm2-135m --ppl wikitext2,c4 --json out/fp.json
-    python evaluate.py --method loftq --bits 2 --save out/smollm2-loftq-w2    # a baseline (§3)
-    python evaluate.py --ckpt smollm2-135m --prompt "The capital of France is"
+    python evaluate.py --ckpt out/smollm2-135m-apiq-bw-w2g64-quick --prompt "The capital of France is"
 
 Perplexity: the WikiText-2 test rows joined with "\\n\\n" are tokenised as one stream and cut into
 non-overlapping windows of --seqlen tokens (tail dropped); C4 is 256 random windows (seed 0).
@@ -20,14 +22,21 @@ plots/): the activation error at every block's output and ||W - (Q + s B A)||_F 
 
     python evaluate.py --ckpt out/results/apiq-bw-w2 --errors --json out/results/apiq-bw-w2.json
 """
+import json
 import math
+import sys
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cli import DTYPES, add_config_args, arg, run, write_json
 from data import DATASETS, ppl_windows
+from llama import check_seqlen
 from tasks import ACC_NORM, TASKS, item_requests, load_task
 
 
@@ -152,12 +161,12 @@ def activation_errors(model, ref, windows) -> list[dict]:
     model's, block by block. Both models run the same windows, each on its own input, so the
     quantized model carries its earlier blocks' errors as it does in use. At block l's output:
         mse_l = mean (Y_l - Y^q_l)^2        rel_l = mse_l / mean Y_l^2
-    (rel makes blocks comparable: SmolLM2's hidden states grow a few huge channels; METHOD.md §7)."""
+    (rel makes blocks comparable: SmolLM2's hidden states grow a few huge channels at block 11)."""
     device = next(model.parameters()).device
     n_layers = model.args.n_layers
     sq_err, sq_ref, n = [0.0] * n_layers, [0.0] * n_layers, 0
     for x in tqdm(windows, desc="act error", unit="win", leave=False):
-        x = x[None].to(device)
+        x = x[None].to(device)                                              # (1, T)
         freqs = model.freqs_cis(x.shape[1], device)
         h, hq = ref.tok_embeddings(x), model.tok_embeddings(x)
         for l in range(n_layers):
@@ -168,20 +177,31 @@ def activation_errors(model, ref, windows) -> list[dict]:
     return [{"block": l, "mse": e / n, "rel": e / r} for l, (e, r) in enumerate(zip(sq_err, sq_ref))]
 
 
-def reference_ckpt(a) -> str:
-    """The full-precision checkpoint to measure errors against: --ref, else the quantized
-    directory's source (apiq.json), else --ckpt itself when --method quantizes it here."""
-    import json
-    from pathlib import Path
-    if a.ref:
-        return a.ref
-    if a.method != "fp":
-        return a.ckpt
-    cfg = Path(a.ckpt) / "apiq.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text())["source"]
-    raise ValueError("--errors compares a quantized model with full precision: give --method rtn|qlora|loftq, "
-                     "a quantized --ckpt directory, or --ref")
+# ---- the script
+
+ON_GPU = torch.cuda.is_available()
+
+
+@dataclass
+class Config:
+    """One run of evaluate.py. The defaults are the papers' protocol (2048-token windows)."""
+    ckpt: str = arg("smollm2-135m", "full-precision checkpoint or quantized model directory (README, Checkpoints)")
+    ppl: str = arg("wikitext2,c4", "comma-separated perplexity datasets ('' for none)")
+    seqlen: int = arg(2048, "perplexity window length in tokens")
+    tasks: str = arg("", f"comma-separated zero-shot tasks ({', '.join(TASKS)}) or 'all'")
+    limit: Optional[int] = arg(None, "only the first N windows of each perplexity dataset", type=int)
+    task_limit: Optional[int] = arg(None, "only the first N items of each task (default --limit)", type=int)
+    errors: bool = arg(False, "activation error per block and weight error per linear against full precision (figs. 3-4)")
+    ref: Optional[str] = arg(None, "full-precision checkpoint for --errors and --prompt (default: the model's source)")
+    error_windows: int = arg(1, "WikiText-2 test windows for the activation error")
+    batch_size: int = arg(1, "windows, or scored options, per forward pass")
+    prompt: Optional[str] = arg(None, "greedily continue this text (beside the full-precision continuation)")
+    max_new_tokens: int = arg(32, "length of the generated continuation")
+    data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)")
+    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda")
+    dtype: str = arg("fp32", "weight and activation dtype", choices=tuple(DTYPES))
+    threads: Optional[int] = arg(None, "torch CPU threads (default: torch's choice)", type=int)
+    json: Optional[str] = arg(None, "write the results and this config to this JSON file")
 
 
 def parse_list(s, allowed, what):
@@ -192,130 +212,118 @@ def parse_list(s, allowed, what):
     return items
 
 
-def main(a):
-    from cli import check_writable, write_json
-    from llama import load
-    from lora import quant_linears, weight_errors
-    from qmodel import quantize_model, save_quantized
-    from quant import validate
+def reference_ckpt(cfg) -> str:
+    """The full-precision checkpoint to compare with: --ref, else the quantized directory's source."""
+    if cfg.ref:
+        return cfg.ref
+    f = Path(cfg.ckpt) / "apiq.json"
+    if f.is_file():
+        return json.loads(f.read_text())["source"]
+    raise ValueError(f"--errors compares a quantized model with full precision: {cfg.ckpt} is not a quantized "
+                     f"directory (make one with calibrate.py --method ...) and no --ref was given")
 
-    t0 = time.time()
-    datasets = parse_list(a.ppl, DATASETS, "dataset") if a.ppl else []
-    tasks = parse_list(a.tasks, TASKS + ("all",), "task") if a.tasks else []
-    tasks = list(TASKS) if "all" in tasks else tasks
-    if a.seqlen <= 0 or any(n is not None and n <= 0 for n in (a.limit, a.task_limit)) or a.error_windows <= 0:
-        raise ValueError("--seqlen, --limit, --task-limit and --error-windows must be positive")
-    task_limit = a.task_limit or a.limit
-    items = {name: load_task(name, a.data_dir)[:task_limit] for name in tasks}  # missing files fail before loading
-    ref_ckpt = reference_ckpt(a) if a.errors else None
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.method != "fp":
-        validate(a.bits, a.group_size, a.group_size)
-    if a.save and a.method == "fp":
-        raise ValueError("--save needs a quantization --method (rtn, qlora, loftq)")
-    if a.save:
-        check_writable(a.save)
-    model, tok = load(a.ckpt, device=a.device, dtype=dtype)
-    if a.seqlen > model.args.max_seq_len:
-        raise ValueError(f"--seqlen {a.seqlen} is beyond the model's context of {model.args.max_seq_len} tokens")
-    config = {k: v for k, v in vars(a).items()}
-    print("config:", config)
-    results = {"ppl": {}, "config": config}
-    if a.method != "fp":
-        if any(True for _ in quant_linears(model)):
-            raise ValueError(f"{a.ckpt} is already quantized: evaluate it with --method fp")
-        t = time.time()
-        quantize_model(model, a.method, a.bits, a.group_size, a.rank, a.alpha, a.loftq_iters)
-        results["quantize_seconds"] = round(time.time() - t, 2)
-        if a.save:
-            save_quantized(model, tok, a.save, {"method": a.method, "source": a.ckpt, "made_by": config})
-            print(f"saved {a.method} w{a.bits}g{a.group_size} model to {a.save}")
-    if a.errors:
-        t = time.time()
-        ref, _ = load(ref_ckpt, device=a.device, dtype=dtype)
-        if any(True for _ in quant_linears(ref)):
-            raise ValueError(f"--ref {ref_ckpt} is quantized: errors are measured against full precision")
-        windows = ppl_windows("wikitext2", tok, a.seqlen, a.data_dir)[: a.error_windows]
-        results["errors"] = {"reference": ref_ckpt, "windows": len(windows), "seqlen": a.seqlen,
-                             "activation": activation_errors(model, ref, windows),
-                             "weight": weight_errors(model, ref)}
-        results.setdefault("seconds", {})["errors"] = round(time.time() - t, 2)
-        del ref
-        rel = [r["rel"] for r in results["errors"]["activation"]]
-        print(f"activation error (rel. to target mean square) per block: first {rel[0]:.3%}, last {rel[-1]:.3%}, "
-              f"max {max(rel):.3%}")
-    for name in datasets:
-        windows = ppl_windows(name, tok, a.seqlen, a.data_dir)
-        if a.limit:
-            windows = windows[: a.limit]
-        t = time.time()
-        results["ppl"][name] = perplexity(model, windows, a.batch_size, desc=name)
-        results.setdefault("tokens", {})[name] = windows.numel()
-        results.setdefault("seconds", {})[name] = round(time.time() - t, 2)
+
+def measure_errors(model, tok, cfg, ref_ckpt) -> dict:
+    from lora import is_quantized, weight_errors
+    from qmodel import load
+    ref, _ = load(ref_ckpt, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    if is_quantized(ref):
+        raise ValueError(f"--ref {ref_ckpt} is quantized: errors are measured against full precision")
+    windows = ppl_windows("wikitext2", tok, cfg.seqlen, cfg.data_dir)[: cfg.error_windows]
+    out = {"reference": ref_ckpt, "windows": len(windows), "seqlen": cfg.seqlen,
+           "activation": activation_errors(model, ref, windows), "weight": weight_errors(model, ref)}
+    rel = [r["rel"] for r in out["activation"]]
+    print(f"activation error (rel. to target mean square) per block: first {rel[0]:.3%}, last {rel[-1]:.3%}, "
+          f"max {max(rel):.3%}")
+    return out
+
+
+def print_tables(results, seqlen):
     if results["ppl"]:
         print(f"\n| {'dataset':10} | {'windows':>7} | {'ppl':>10} |\n|{'-' * 12}|{'-' * 9}|{'-' * 12}|")
         for name, ppl in results["ppl"].items():
-            print(f"| {name:10} | {results['tokens'][name] // a.seqlen:7d} | {ppl:10.3f} |")
-    for name, task_items in items.items():
-        t = time.time()
-        results.setdefault("zeroshot", {})[name] = zero_shot(model, tok, name, task_items, a.batch_size)
-        results.setdefault("seconds", {})[name] = round(time.time() - t, 2)
-    if items:
-        # The average is of acc on all five tasks, acc_norm on none: the papers' full-precision
-        # LLaMA-2-7B average of 64.85 (METHOD.md §7) is the mean of lm-eval's acc for that model (about
-        # WinoGrande 69, HellaSwag 57, ARC-C 43.5, ARC-E 76, PIQA 78); with acc_norm for HellaSwag (~76)
-        # and ARC-C (~46) it would be ~69. acc_norm is still reported per task.
-        results["zeroshot_avg"] = sum(r["acc"] for r in results["zeroshot"].values()) / len(items)
+            print(f"| {name:10} | {results['tokens'][name] // seqlen:7d} | {ppl:10.3f} |")
+    if results.get("zeroshot"):
         print(f"\n| {'task':13} | {'n':>5} | {'acc':>6} | {'acc_norm':>8} |")
         print(f"|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 10}|")
         for name, r in results["zeroshot"].items():
             norm = "-" if r["acc_norm"] is None else f"{100 * r['acc_norm']:.2f}"
             print(f"| {name:13} | {r['n']:5d} | {100 * r['acc']:6.2f} | {norm:>8} |")
         print(f"| {'average (acc)':13} | {'':5} | {100 * results['zeroshot_avg']:6.2f} | {'':8} |")
-    if a.prompt:
-        answer = generate(model, tok, a.prompt, a.max_new_tokens)
-        results["generation"] = {"prompt": a.prompt, "answer": answer}
-        print(f"\n{a.prompt}{answer}")
+
+
+def generations(model, tok, cfg) -> dict:
+    """The model's continuation of --prompt and, for a quantized model, its source's beside it."""
+    from lora import is_quantized
+    from qmodel import load
+    out = {"prompt": cfg.prompt, "answer": generate(model, tok, cfg.prompt, cfg.max_new_tokens)}
+    label = "this model"
+    if is_quantized(model):
+        label = "quantized"
+        try:
+            ref, ref_tok = load(cfg.ref or reference_ckpt(cfg), device=cfg.device, dtype=DTYPES[cfg.dtype])
+            out["reference_answer"] = generate(ref, ref_tok, cfg.prompt, cfg.max_new_tokens)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"(no full-precision continuation: {e})")
+    print(f"\nprompt: {cfg.prompt!r}\n{label + ':':15} {out['answer']!r}")
+    if "reference_answer" in out:
+        print(f"{'full precision:':15} {out['reference_answer']!r}")
+    return out
+
+
+def main(cfg: Config):
+    from qmodel import load
+    t0 = time.time()
+    datasets = parse_list(cfg.ppl, DATASETS, "dataset") if cfg.ppl else []
+    tasks = parse_list(cfg.tasks, TASKS + ("all",), "task") if cfg.tasks else []
+    tasks = list(TASKS) if "all" in tasks else tasks
+    if cfg.seqlen <= 0 or any(n is not None and n <= 0 for n in (cfg.limit, cfg.task_limit)) or cfg.error_windows <= 0:
+        raise ValueError("--seqlen, --limit, --task-limit and --error-windows must be positive")
+    items = {name: load_task(name, cfg.data_dir)[: cfg.task_limit or cfg.limit] for name in tasks}  # fail early
+    ref_ckpt = reference_ckpt(cfg) if cfg.errors else None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    print("config:", json.dumps(asdict(cfg)))
+    model, tok = load(cfg.ckpt, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    check_seqlen(model.args, cfg.seqlen)
+    results = {"ppl": {}, "config": asdict(cfg), "seconds": {}}
+    if cfg.errors:
+        t = time.time()
+        results["errors"] = measure_errors(model, tok, cfg, ref_ckpt)
+        results["seconds"]["errors"] = round(time.time() - t, 2)
+    for name in datasets:
+        windows = ppl_windows(name, tok, cfg.seqlen, cfg.data_dir)[: cfg.limit]
+        t = time.time()
+        results["ppl"][name] = perplexity(model, windows, cfg.batch_size, desc=name)
+        results.setdefault("tokens", {})[name] = windows.numel()
+        results["seconds"][name] = round(time.time() - t, 2)
+    for name, task_items in items.items():
+        t = time.time()
+        results.setdefault("zeroshot", {})[name] = zero_shot(model, tok, name, task_items, cfg.batch_size)
+        results["seconds"][name] = round(time.time() - t, 2)
+    if items:
+        # The average is of acc on all five tasks, acc_norm on none: the papers' full-precision
+        # LLaMA-2-7B average of 64.85 (Cao & Aref Table 1) is the mean of lm-eval's acc for that
+        # model (about WinoGrande 69, HellaSwag 57, ARC-C 43.5, ARC-E 76, PIQA 78); with acc_norm
+        # for HellaSwag (~76) and ARC-C (~46) it would be ~69. acc_norm is still reported per task.
+        results["zeroshot_avg"] = sum(r["acc"] for r in results["zeroshot"].values()) / len(items)
+    print_tables(results, cfg.seqlen)
+    if cfg.prompt:
+        results["generation"] = generations(model, tok, cfg)
     results["seconds_total"] = round(time.time() - t0, 2)
-    if a.json:
-        write_json(a.json, results)
-        print(f"wrote {a.json}")
+    if cfg.json:
+        write_json(cfg.json, results)
+        print(f"wrote {cfg.json}")
     return results
 
 
-if __name__ == "__main__":
+def parse(argv=None) -> Config:
     import argparse
+    p = argparse.ArgumentParser(description="Perplexity (GPTQ protocol), zero-shot accuracy (lm-eval protocol), "
+                                "errors against full precision and generation, for a checkpoint or a quantized model.")
+    add_config_args(p, Config)
+    return Config(**vars(p.parse_args(argv)))
 
-    from cli import run
 
-    p = argparse.ArgumentParser(description="Perplexity (GPTQ protocol), zero-shot accuracy (lm-eval protocol) "
-                                "and generation for a Llama checkpoint.")
-    p.add_argument("--ckpt", default="smollm2-135m", help="checkpoint name or path (see llama.resolve_ckpt)")
-    p.add_argument("--ppl", default="wikitext2,c4", help="comma-separated datasets for perplexity ('' for none)")
-    p.add_argument("--data-dir", default=None, help="local data directory (default $APIQ_DATA_DIR or ../shared/data)")
-    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens")
-    p.add_argument("--tasks", default="", help=f"comma-separated zero-shot tasks ({', '.join(TASKS)}) or 'all'")
-    p.add_argument("--limit", type=int, default=None, help="only the first N windows / items of each dataset / task")
-    p.add_argument("--task-limit", type=int, default=None, help="only the first N items of each task (default --limit)")
-    p.add_argument("--errors", action="store_true",
-                   help="activation error per block and weight error per linear against full precision (figs. 3, 4)")
-    p.add_argument("--ref", default=None, help="full-precision checkpoint for --errors (default: the model's source)")
-    p.add_argument("--error-windows", type=int, default=1, help="WikiText-2 test windows for the activation error")
-    p.add_argument("--batch-size", type=int, default=1, help="windows, or scored options, per forward pass")
-    p.add_argument("--method", default="fp", choices=["fp", "rtn", "qlora", "loftq"],
-                   help="fp = the checkpoint as it is; else quantize it first with this baseline init")
-    p.add_argument("--bits", type=int, default=2, help="weight bits for --method (1..8)")
-    p.add_argument("--group-size", type=int, default=64, help="quantization group size (input columns)")
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank r for qlora/loftq")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
-    p.add_argument("--loftq-iters", type=int, default=5, help="LoftQ alternating steps T")
-    p.add_argument("--save", default=None, help="save the quantized model to this directory (apiq format)")
-    p.add_argument("--prompt", default=None, help="greedily continue this text and print it")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="length of the generated continuation")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight/activation dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", default=None, help="write results and the config used to this JSON file")
-    run(main, p.parse_args())
+if __name__ == "__main__":
+    run(lambda: main(parse(sys.argv[1:])))

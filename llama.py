@@ -8,7 +8,8 @@ that loads raw weights: Meta's consolidated.*.pth, Hugging Face safetensors / .b
 Module names are Meta's checkpoint keys (tok_embeddings, layers.N.attention.wq..wo,
 layers.N.feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so a Meta
 checkpoint loads with no renaming; HF_NAMES and GGUF_NAMES map the other formats onto them.
-A quantized model directory written by calibrate.py / evaluate.py (apiq.json) loads here too.
+This file knows nothing of quantization: qmodel.load() reads either a checkpoint (through
+load() here) or a quantized model directory written by calibrate.py.
 """
 import importlib.util
 import json
@@ -55,6 +56,17 @@ class ModelArgs:
     def from_dict(cls, d: dict) -> "ModelArgs":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# The seven linears of a block, in the order a forward pass uses them (ApiQ-lw calibrates them in
+# this order; every per-linear file of this project is keyed by these names).
+LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+           "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
+
+
+def check_seqlen(args: ModelArgs, seqlen: int, flag="--seqlen"):
+    if seqlen > args.max_seq_len:
+        raise ValueError(f"{flag} {seqlen} is beyond the model's context of {args.max_seq_len} tokens")
 
 
 class RMSNorm(nn.Module):
@@ -244,6 +256,8 @@ def meta_state_dict(path: Path):
 
 def hf_state_dict(path: Path):
     cfg = json.loads((path / "config.json").read_text())
+    if "hidden_size" not in cfg:
+        raise ValueError(f"{path}/config.json is not a Hugging Face model config (no hidden_size)")
     if cfg.get("model_type", "llama") not in ("llama", "mistral"):
         raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not a Llama")
     rs = cfg.get("rope_scaling") or {}
@@ -373,13 +387,16 @@ def find_tokenizer(path: Path):
 
 
 def load(ckpt: str = "smollm2-135m", device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a name or path; see resolve_ckpt. Evaluation mode, no gradients on
-    weights. dtype=None keeps the stored dtype, lazily (GGUF: fp32, dequantized)."""
+    """(model, tokenizer) of a full-precision checkpoint, from a name or path (see resolve_ckpt).
+    Evaluation mode, no gradients on weights. dtype=None keeps the stored dtype, lazily (GGUF:
+    fp32, dequantized). A quantized model directory is read by qmodel.load instead."""
     path = resolve_ckpt(str(ckpt))
     if path.is_dir() and (path / "apiq.json").exists():
-        from qmodel import load_quantized  # a model saved by this project (packed low-bit codes + LoRA)
-        model, tok = load_quantized(path, device=device, dtype=dtype)
-    elif path.is_file():
+        raise ValueError(f"{path} is a quantized model directory, not a full-precision checkpoint")
+    if path.is_dir() and (path / "progress.json").exists():
+        raise ValueError(f"{path} is an unfinished calibration (no apiq.json yet): rerun its calibrate.py "
+                         f"command to finish it")
+    if path.is_file():
         from gguf import GGUFReader
         from tokenizer import GGUFTokenizer
         try:

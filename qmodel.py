@@ -1,12 +1,14 @@
-"""A whole quantized model: the baselines of METHOD.md §3 applied to every block, and the saved
-format that calibrate.py and evaluate.py write and llama.load() reads back.
+"""A whole quantized model: the data-free inits of ApiQ section 3 applied to every block, the
+saved format that calibrate.py writes, and load(), the one entry point that reads either a
+full-precision checkpoint or a quantized model directory.
 
-    python evaluate.py --method loftq --bits 2 --save out/smollm2-loftq-w2   # writes this format
-    python evaluate.py --ckpt out/smollm2-loftq-w2                            # and reads it
+    python calibrate.py --method loftq --bits 2 --out out/smollm2-loftq-w2   # writes this format
+    python evaluate.py --ckpt out/smollm2-loftq-w2                            # load() reads it
 
 A saved model is a directory:
-    apiq.json          config: source checkpoint, ModelArgs, bits, group size, rank, alpha,
-                       method, and how it was made
+    apiq.json          format, ModelArgs, per-linear bits / group size / rank / lora_alpha, the
+                       method and the settings that made it (written last: without it the
+                       directory is not a finished model)
     model.safetensors  per linear `<name>.qweight` (codes packed by quant.pack), `.scale` (fp32),
                        `.zero` (smallest int type that holds it), `.A`, `.B` (fp32); the parts
                        that stay full precision (embeddings, norms, head) in fp16 (bf16 if the
@@ -19,13 +21,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from lora import QuantLinear, loftq_linear, qlora_linear, quant_linears, swap_linears
-from quant import dequantize, unpack, validate
+import llama
+from lora import QuantLinear, init_linear, is_quantized, quant_linears, swap_linears
+from quant import validate
 
-METHODS = ("rtn", "qlora", "loftq")
+INITS = ("rtn", "qlora", "loftq")  # the data-free initialisations (calibrate.py --method)
 FORMAT = "apiq-quantized-v1"
 
 
@@ -50,31 +52,33 @@ def round_kept_params(model):
     return model
 
 
+def require_fp(model, what):
+    if is_quantized(model):
+        raise ValueError(f"{what} is already quantized: give the full-precision checkpoint")
+
+
 def check_linears(model, group_size):
-    for name, m in model.layers.named_modules():
-        if isinstance(m, nn.Linear):
-            try:
-                validate(2, group_size, m.in_features)
-            except ValueError:
-                raise ValueError(f"--group-size {group_size} does not divide the {m.in_features} inputs "
-                                 f"of layers.{name}") from None
+    for l, layer in enumerate(model.layers):
+        for name in llama.LINEARS:
+            n_in = layer.get_submodule(name).in_features
+            if group_size <= 0 or n_in % group_size:
+                raise ValueError(f"--group-size {group_size} does not divide the {n_in} inputs of layers.{l}.{name}")
 
 
 @torch.no_grad()
-def quantize_model(model, method, bits=2, group_size=64, rank=64, alpha=16.0, loftq_iters=5):
-    """Swap every block's seven linears for QuantLinear initialised by `method`, in place:
+def quantize_model(model, method, bits=2, group_size=64, rank=64, lora_alpha=16.0, loftq_iters=5):
+    """Swap every block's seven linears for QuantLinear made by a data-free init, in place:
     rtn = RTN with no adapter; qlora = RTN, B = 0; loftq = T alternating RTN / SVD steps."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if method not in INITS:
+        raise ValueError(f"unknown init {method!r}: choose from {', '.join(INITS)}")
     validate(bits, group_size, group_size)
     check_linears(model, group_size)
     round_kept_params(model)
-    make = {"rtn": lambda lin: qlora_linear(lin, bits, group_size, 0, alpha),
-            "qlora": lambda lin: qlora_linear(lin, bits, group_size, rank, alpha),
-            "loftq": lambda lin: loftq_linear(lin, bits, group_size, rank, alpha, loftq_iters)}[method]
     for block in tqdm(model.layers, desc=f"{method} w{bits}g{group_size}", unit="block", leave=False):
-        for m in swap_linears(block, make).values():
-            m.freeze()  # quantize once; evaluation reuses Q(W)
+        for m in swap_linears(block, lambda lin: init_linear(lin, method, bits, group_size, rank, lora_alpha,
+                                                             loftq_iters)).values():
+            m.weight = None        # W is not needed any more; Q(W) is in the codes
+            m.cache_qweight()
     return model
 
 
@@ -83,6 +87,13 @@ def int_dtype(t: torch.Tensor) -> torch.dtype:
         if torch.iinfo(dt).min <= t.min() and t.max() <= torch.iinfo(dt).max:
             return dt
     return torch.int32
+
+
+def linear_tensors(name, m) -> dict:
+    """The saved tensors of one QuantLinear, keyed `<name>.<part>`."""
+    ex = m.export()
+    ex["zero"] = ex["zero"].to(int_dtype(ex["zero"]))
+    return {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in ex.items()}
 
 
 def save_tokenizer(tok, out: Path):
@@ -97,58 +108,60 @@ def save_tokenizer(tok, out: Path):
         raise ValueError(f"cannot save a tokenizer of type {type(tok).__name__}")
 
 
-def save_quantized(model, tok, out, config: dict):
-    """Write the directory described in the module docstring. apiq.json is written last: a
-    directory without it is not a finished model (and load() refuses it)."""
+def save_quantized(model, tok, out, info: dict):
+    """Write the directory described in the module docstring; `info` goes into apiq.json
+    (method, source checkpoint, settings). apiq.json is written last."""
     from safetensors.torch import save_file
 
-    from cli import write_json
+    from cli import atomic_write, write_json
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "apiq.json").unlink(missing_ok=True)
-    tensors, dt = {}, keep_dtype(model)
-    for name, p in model.named_parameters(remove_duplicate=True):
-        if is_kept(name):
-            tensors[name] = p.detach().to(dt).contiguous()
+    dt = keep_dtype(model)
+    tensors = {name: p.detach().to(dt).contiguous() for name, p in model.named_parameters() if is_kept(name)}
     linears = {}
     for name, m in quant_linears(model):
-        ex = m.export()
-        ex["zero"] = ex["zero"].to(int_dtype(ex["zero"]))
-        for k, v in ex.items():
-            tensors[f"{name}.{k}"] = v.contiguous()
-        linears[name] = dict(bits=m.bits, group_size=m.group_size, rank=m.rank, alpha=m.alpha,
+        tensors |= linear_tensors(name, m)
+        linears[name] = dict(bits=m.bits, group_size=m.group_size, rank=m.rank, lora_alpha=m.lora_alpha,
                              shape=[m.out_features, m.in_features])
     tied = model.output.weight is model.tok_embeddings.weight
     if tied:
         tensors.pop("output.weight", None)
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    tmp.replace(out / "model.safetensors")
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     save_tokenizer(tok, out)
     args = {k: v for k, v in vars(model.args).items() if k != "head_dim"}
     write_json(out / "apiq.json", {"format": FORMAT, "model_args": args, "tied_embeddings": tied,
-                                   "linears": linears, **config})
+                                   "linears": linears, **info})
 
 
-def load_quantized(path, device="cpu", dtype=torch.float32):
-    """(model, tok) from a saved directory; QuantLinear modules hold the dequantized Q(W)
-    (frozen, no clipping logits) and the LoRA factors, unmerged."""
-    from safetensors import SafetensorError, safe_open
-
-    from llama import ModelArgs, Transformer, find_tokenizer
-    from tokenizer import GGUFTokenizer
+def read_quantized_config(path) -> dict:
     path = Path(path)
+    if not (path / "apiq.json").is_file():
+        what = "an unfinished calibration" if (path / "progress.json").exists() else "not a quantized model"
+        raise ValueError(f"{path}: {what} (no apiq.json)")
     cfg = json.loads((path / "apiq.json").read_text())
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{path}: apiq.json format {cfg.get('format')!r}, expected {FORMAT!r}")
-    args = ModelArgs(**cfg["model_args"])
+    return cfg
+
+
+def load_quantized(path, device="cpu", dtype=torch.float32, cache=True):
+    """(model, tok) from a saved directory. Each QuantLinear holds its packed codes, scale, zero
+    and the LoRA factors, unmerged; cache=True also keeps Q(W) dequantized (fast, 4 bytes a
+    weight), cache=False dequantizes in every forward (2-bit: ~1/16 of the memory)."""
+    from safetensors import SafetensorError, safe_open
+
+    from tokenizer import GGUFTokenizer
+    path = Path(path)
+    cfg = read_quantized_config(path)
+    args = llama.ModelArgs(**cfg["model_args"])
     try:
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}/model.safetensors is truncated or corrupt ({e})") from None
     with torch.device("meta"):
-        model = Transformer(args)
+        model = llama.Transformer(args)
     for name, spec in cfg["linears"].items():
         out_f, in_f = spec["shape"]
         try:
@@ -157,14 +170,14 @@ def load_quantized(path, device="cpu", dtype=torch.float32):
             mod = None
         if mod is None or (mod.out_features, mod.in_features) != (out_f, in_f) or f"{name}.qweight" not in t:
             raise ValueError(f"{path}: {name} does not fit this model; the directory was made for another model")
-        codes = unpack(t[f"{name}.qweight"], spec["bits"], (out_f, in_f))
-        # made on the device at once: Q(W) is both `weight` and the cached `w_hat`, one tensor, which
-        # a later model.to(device) would copy twice
-        w_hat = dequantize(codes, t[f"{name}.scale"], t[f"{name}.zero"].float(), spec["group_size"]).to(device)
-        bias = t.get(f"{name}.bias")
-        q = QuantLinear(w_hat, None if bias is None else bias.to(device), spec["bits"], spec["group_size"],
-                        spec["rank"], spec["alpha"], clip=False, A=t[f"{name}.A"].to(device), B=t[f"{name}.B"].to(device))
-        q.w_hat, q._stamp = w_hat, q._versions()  # Q(W) is what was stored: never re-quantize it
+        q = QuantLinear(None, spec["bits"], spec["group_size"], spec["rank"], spec.get("lora_alpha", spec.get("alpha")),
+                        clip=False,
+                        A=t[f"{name}.A"].to(device), B=t[f"{name}.B"].to(device),
+                        bias=t[f"{name}.bias"].to(device) if f"{name}.bias" in t else None,
+                        scale=t[f"{name}.scale"].to(device), zero=t[f"{name}.zero"].to(device), shape=(out_f, in_f))
+        q.codes = t[f"{name}.qweight"].to(device)        # packed already
+        if cache:
+            q.cache_qweight()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
     rest = {k: v if dtype is None else v.to(dtype) for k, v in t.items() if is_kept(k)}
@@ -177,5 +190,15 @@ def load_quantized(path, device="cpu", dtype=torch.float32):
     if cfg["tied_embeddings"]:
         model.output.weight = model.tok_embeddings.weight
     tok = GGUFTokenizer(**json.loads((path / "tokenizer.json").read_text())) \
-        if (path / "tokenizer.json").exists() else find_tokenizer(path)
-    return model.to(device), tok
+        if (path / "tokenizer.json").exists() else llama.find_tokenizer(path)
+    model.requires_grad_(False)
+    return model.to(device).eval(), tok
+
+
+def load(ckpt="smollm2-135m", device="cpu", dtype=torch.float32, cache=True):
+    """(model, tok) of a full-precision checkpoint (llama.load) or of a quantized model directory
+    written by calibrate.py (load_quantized): the entry point of the scripts that take either."""
+    path = llama.resolve_ckpt(str(ckpt))
+    if path.is_dir() and (path / "apiq.json").exists():
+        return load_quantized(path, device, dtype, cache)
+    return llama.load(str(ckpt), device, dtype)

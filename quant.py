@@ -1,15 +1,18 @@
 """Uniform asymmetric group-wise weight quantization with learnable weight clipping (LWC).
 
-Implements the quantizer of ApiQ (Liao et al., EMNLP 2024, arXiv 2402.05147), section 3 and
-Appendix C (RTN, eq. 3-6), with the learnable clipping of OmniQuant that ApiQ trains; see
-docs/METHOD.md section 1. For a weight W (out x in), per (row, group of `group_size` inputs):
+The quantizer that ApiQ (Liao et al., EMNLP 2024, arXiv 2402.05147, section 3) trains: uniform
+round-to-nearest as written in Cao & Aref (arXiv 2504.13932) Appendix C, eq. (3)-(6), with the
+learnable weight clipping (LWC) of OmniQuant (Shao et al. 2024, section 3.2) on the group's
+range. For a weight W (out x in), per (row, group of `group_size` inputs), N bits:
 
-    xmax = sigmoid(gamma) * max(group)      xmin = sigmoid(beta) * min(group)
-    s    = clamp((xmax - xmin) / (2^N - 1), 1e-5, 1e4)
-    z    = round(-xmin / s)
-    W_hat = (clamp(round_ste(W / s) + z, 0, 2^N - 1) - z) * s
+    xmax = sigmoid(gamma) * max(group)      xmin = sigmoid(beta) * min(group)        LWC
+    step = clamp((xmax - xmin) / (2^N - 1), 1e-5, 1e4)                               eq. (3)
+    zero = round(-xmin / step)                                                       eq. (4)
+    code = clamp(round_ste(W / step) + zero, 0, 2^N - 1)                             eq. (5)
+    W_hat = (code - zero) * step                                                     eq. (6)
 
-gamma = beta = None is plain round-to-nearest (RTN, clipping factors 1.0).
+gamma = beta = None is plain round-to-nearest (RTN, clipping factors 1.0). The settings sheet
+is docs/method.md.
 
 Pure tensor functions only: quant_params, fake_quant (differentiable, for calibration),
 quantize / dequantize (integer codes for storage), pack / unpack (codes into uint8 bytes).
@@ -53,32 +56,41 @@ def quant_params(w, bits, group_size, gamma=None, beta=None):
     """
     validate(bits, group_size, w.shape[-1])
     g = _groups(w, group_size)
-    xmax, xmin = g.amax(dim=-1), g.amin(dim=-1)  # (out, n_groups)
+    xmax, xmin = g.amax(dim=-1), g.amin(dim=-1)  # (out, n_groups) each
     if gamma is not None:
-        xmax = torch.sigmoid(gamma) * xmax  # learnable clipping of the upper bound
+        xmax = torch.sigmoid(gamma) * xmax  # LWC: learnable clipping of the upper bound
     if beta is not None:
-        xmin = torch.sigmoid(beta) * xmin  # and of the lower bound
-    scale = ((xmax - xmin) / (2**bits - 1)).clamp(1e-5, 1e4)  # App. C: step size
-    # plain round: no gradient flows through z, only through s (as in the official code)
-    zero = torch.round(-xmin / scale)  # App. C: zero point
+        xmin = torch.sigmoid(beta) * xmin  # LWC: and of the lower bound
+    scale = ((xmax - xmin) / (2**bits - 1)).clamp(1e-5, 1e4)  # eq. (3): step size, (out, n_groups)
+    # plain round: no gradient flows through the zero point, only through the step (official code)
+    zero = torch.round(-xmin / scale)  # eq. (4): zero point, (out, n_groups)
     return scale, zero
 
 
-def fake_quant(w, bits, group_size, gamma=None, beta=None):
+def _scaled(w, group_size, s, offset):
+    """W / step (+ the learned rounding offset V), grouped: (out, n_groups, group_size)."""
+    x = _groups(w, group_size) / s
+    return x if offset is None else x + offset.float().reshape(x.shape)
+
+
+def fake_quant(w, bits, group_size, gamma=None, beta=None, offset=None):
     """Quantize-dequantize W (out, in) -> W_hat of the same shape and dtype.
 
     Differentiable: straight-through w.r.t. w (gradient 1 where the code is not clamped, 0 where
     it is), and w.r.t. gamma and beta through the scale. The scale is a function of the group's
     max and min, so those two weights also get a gradient through s (W is frozen in ApiQ).
+    offset: beyond ApiQ, a learned rounding offset V (out, in) in [-0.5, 0.5] as in AutoRound
+    (SignRound, Cheng et al. 2023, eq. (2)): code = clamp(round(W / step + V) + zero); the codes
+    stay N-bit integers, so the storage does not change.
     """
     scale, zero = quant_params(w, bits, group_size, gamma, beta)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (out, n_groups, 1)
-    q = torch.clamp(round_ste(_groups(w, group_size) / s) + z, 0, 2**bits - 1)  # App. C: code
-    w_hat = (q - z) * s  # App. C: W_hat
+    q = torch.clamp(round_ste(_scaled(w, group_size, s, offset)) + z, 0, 2**bits - 1)  # eq. (5), (out, n_groups, gs)
+    w_hat = (q - z) * s  # eq. (6), (out, n_groups, group_size)
     return w_hat.reshape(w.shape).to(w.dtype)  # (out, in)
 
 
-def quantize(w, bits, group_size, gamma=None, beta=None):
+def quantize(w, bits, group_size, gamma=None, beta=None, offset=None):
     """W (out, in) -> (codes uint8 (out, in), scale, zero); no gradient.
 
     Same float operations as fake_quant, so dequantize(*quantize(w)) == fake_quant(w) exactly.
@@ -86,7 +98,7 @@ def quantize(w, bits, group_size, gamma=None, beta=None):
     with torch.no_grad():
         scale, zero = quant_params(w, bits, group_size, gamma, beta)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (out, n_groups, 1)
-        q = torch.clamp(torch.round(_groups(w, group_size) / s) + z, 0, 2**bits - 1)  # App. C: code
+        q = torch.clamp(torch.round(_scaled(w, group_size, s, offset)) + z, 0, 2**bits - 1)  # eq. (5), (out, n_groups, gs)
     return q.reshape(w.shape).to(torch.uint8), scale, zero  # codes (out, in)
 
 
@@ -94,12 +106,12 @@ def dequantize(codes, scale, zero, group_size):
     """Codes (out, in), per-group scale and zero (out, in // group_size) -> W_hat, float32."""
     out, n_in = codes.shape
     q = codes.float().reshape(out, n_in // group_size, group_size)  # (out, n_groups, group_size)
-    w_hat = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)  # App. C: W_hat
+    w_hat = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)  # eq. (6), (out, n_groups, group_size)
     return w_hat.reshape(out, n_in)  # (out, in)
 
 
 def rtn(w, bits, group_size):
-    """Round-to-nearest W_hat (Appendix C): the quantizer with no clipping."""
+    """Round-to-nearest W_hat, eq. (3)-(6): the quantizer with no clipping."""
     return fake_quant(w, bits, group_size)
 
 
@@ -118,12 +130,12 @@ def pack(codes, bits):
     if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole codes per byte, a shift and a sum
         per = 8 // bits
         c = torch.nn.functional.pad(c, (0, -c.numel() % per))
-        shifts = torch.arange(per, dtype=torch.int32) * bits
-        return (c.reshape(-1, per) << shifts).sum(-1).to(torch.uint8)  # (n_bytes,)
+        shifts = torch.arange(per, dtype=torch.int32, device=c.device) * bits
+        return (c.reshape(-1, per) << shifts).sum(-1).to(torch.uint8)  # (n_bytes,), (n_bytes, per) summed
     # 3, 5, 6, 7 bits: codes straddle bytes; go through single bits
-    stream = (c.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32)) & 1  # (numel, bits)
+    stream = (c.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32, device=c.device)) & 1  # (numel, bits)
     stream = torch.nn.functional.pad(stream.reshape(-1), (0, -stream.numel() % 8))
-    weights = 1 << torch.arange(8, dtype=torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=c.device)
     return (stream.reshape(-1, 8) * weights).sum(-1).to(torch.uint8)  # (n_bytes,)
 
 
@@ -136,10 +148,10 @@ def unpack(packed, bits, shape):
         raise ValueError(f"{p.numel()} bytes cannot hold {numel} codes of {bits} bits")
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int32) * bits
+        shifts = torch.arange(per, dtype=torch.int32, device=p.device) * bits
         c = (p.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (n_bytes, per)
     else:
-        stream = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1  # (n_bytes, 8)
+        stream = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1  # (n_bytes, 8)
         stream = stream.reshape(-1)[: numel * bits].reshape(numel, bits)  # (numel, bits)
-        c = (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)  # (numel,)
+        c = (stream << torch.arange(bits, dtype=torch.int32, device=p.device)).sum(-1)  # (numel,)
     return c.reshape(-1)[:numel].to(torch.uint8).reshape(shape)

@@ -4,6 +4,7 @@
 #   bash results.sh                 # all steps, in order; finished steps are skipped
 #   bash results.sh calib-bw-w2 eval-apiq-bw-w2    # only these steps (e.g. two shells in parallel)
 #   bash results.sh list            # the step names
+#   OUT=out/demo ITEMS=0 bash results.sh calib-bw-w2 ...    # what demo.sh runs
 #
 # Calibration uses calibrate.py --quick (32 windows x 256 tokens, 2 epochs; the paper: 128 x 2048,
 # 20 epochs). Perplexity is on the first LIMIT windows of 2048 tokens of WikiText-2 test and of C4,
@@ -24,7 +25,7 @@ say() { echo "+ $*" >&2; "$@"; }
 EVAL=(--limit "$LIMIT" --threads "$THREADS")   # + --errors where quantized
 [ "$ITEMS" -gt 0 ] && EVAL+=(--tasks all --task-limit "$ITEMS")   # ITEMS=0: perplexity only
 
-calib() {  # calib <name> <calibrate.py args...>
+calib() {  # calib <name> <calibrate.py args...>: every quantized model, ApiQ or a data-free init
   local name=$1; shift
   [ -f "$OUT/$name/apiq.json" ] || say python calibrate.py --quick --threads "$THREADS" --out "$OUT/$name" "$@"
 }
@@ -35,6 +36,7 @@ evaluate() {  # evaluate <name> <evaluate.py args...>
 
 STEPS=(sal)
 for b in 2 3; do STEPS+=(calib-bw-w$b calib-lw-w$b calib-bw-sal-after-w$b calib-bw-sal-before-w$b); done
+for b in 2 3 4; do STEPS+=(calib-rtn-w$b calib-qlora-w$b calib-loftq-w$b); done
 STEPS+=(eval-fp)
 for b in 2 3 4; do STEPS+=(eval-rtn-w$b eval-qlora-w$b eval-loftq-w$b); done
 for b in 2 3; do STEPS+=(eval-apiq-bw-w$b eval-apiq-lw-w$b eval-apiq-bw-sal-after-w$b eval-apiq-bw-sal-before-w$b); done
@@ -45,20 +47,25 @@ step() {
     sal) [ -f "$OUT/saliency/saliency.json" ] || say python saliency.py --threads "$THREADS" --out "$OUT/saliency" ;;
     calib-bw-w[0-9]) calib "apiq-bw-w${1#calib-bw-w}" --bits "${1#calib-bw-w}" ;;
     calib-lw-w[0-9]) calib "apiq-lw-w${1#calib-lw-w}" --method lw --bits "${1#calib-lw-w}" ;;
+    calib-rtn-w[0-9]|calib-qlora-w[0-9]|calib-loftq-w[0-9]) local m=${1#calib-}; m=${m%-w*}
+      calib "$m-w${1##*-w}" --method "$m" --bits "${1##*-w}" ;;
     calib-bw-sal-*-w[0-9])
       local variant=${1#calib-bw-sal-}; variant=${variant%-w*}; local b=${1##*-w}
       calib "apiq-bw-sal-$variant-w$b" --bits "$b" --saliency "$OUT/saliency" --sal-lambda "$SAL_LAMBDA" \
         --sal-variant "$variant" ;;
     eval-fp) evaluate fp "${EVAL[@]}" ;;
     # QLoRA's init is RTN with B = 0: its outputs are RTN's exactly, so only its errors are measured
-    eval-qlora-w[0-9]) evaluate "qlora-w${1##*-w}" --method qlora --bits "${1##*-w}" --ppl '' --errors \
-        --threads "$THREADS" ;;
-    eval-rtn-w[0-9]) evaluate "rtn-w${1##*-w}" --method rtn --bits "${1##*-w}" --errors "${EVAL[@]}" ;;
-    eval-loftq-w[0-9]) local b=${1##*-w}
-      [ -f "$OUT/loftq-w$b.json" ] || rm -rf "$OUT/loftq-w$b"   # a save without its results is redone
-      evaluate "loftq-w$b" --method loftq --bits "$b" --save "$OUT/loftq-w$b" --errors "${EVAL[@]}" ;;
-    eval-apiq-*) local name=${1#eval-}
+    eval-qlora-w[0-9]) evaluate "qlora-w${1##*-w}" --ckpt "$OUT/qlora-w${1##*-w}" --ppl '' --errors --threads "$THREADS" ;;
+    eval-rtn-w[0-9]|eval-loftq-w[0-9]|eval-apiq-*) local name=${1#eval-}
       evaluate "$name" --ckpt "$OUT/$name" --errors "${EVAL[@]}" ;;
+    talk-*) local name=${1#talk-}   # the model's continuation beside full precision's
+      say python evaluate.py --ckpt "$OUT/$name" --ppl '' --prompt "${PROMPT:-The capital of France is}" \
+        --threads "$THREADS" ;;
+    figures-w[0-9]) local b=${1##*-w}
+      say python plots/act_error.py "$OUT" --bits "$b"  --out "$OUT/figures/act_error_w$b.png"
+      say python plots/weight_error.py "$OUT" --bits "$b" --out "$OUT/figures/weight_error_w$b.png"
+      say python plots/adapters.py "$OUT" --bits "$b" --out "$OUT/figures/adapters_w$b.png"
+      say python plots/ppl_bits.py "$OUT" --out "$OUT/figures/ppl_bits.png" ;;
     figures)
       for b in 2 3; do
         say python plots/act_error.py "$OUT" --bits $b

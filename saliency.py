@@ -1,11 +1,11 @@
 """Saliency-aware weight preservation for ApiQ (Cao & Aref 2025, arXiv 2504.13932,
-"saliency-aware partial retraining", eq. (2); METHOD.md §5): the saliency alpha of every weight
+"saliency-aware partial retraining", section 3.2, eq. (2); docs/method.md §5): the saliency alpha of every weight
 of the seven linears of every block, and the penalty that calibrate.py adds to ApiQ's loss.
 
     python saliency.py --ckpt smollm2-135m --out out/saliency-smollm2      # 100 x 512 WikiText-2, the paper
     python calibrate.py --quick --saliency out/saliency-smollm2 --sal-lambda 1
 
-Saliency is SqueezeLLM's diagonal Fisher approximation, one gradient per sequence (batch 1):
+Saliency is SqueezeLLM's diagonal Fisher approximation (Kim et al. 2024, section 4.1), one gradient per sequence (batch 1):
 
     alpha_i = sum_s (dL_s / dw_i)^2      L_s: mean next-token cross-entropy of the
                                          full-precision model on calibration sequence s
@@ -48,11 +48,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from calibrate import LINEAR_ORDER
-from lora import quant_linears
+from llama import LINEARS
 
 FORMAT = "apiq-saliency-v1"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPE_KEYS = ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
 
 
@@ -78,7 +76,7 @@ def compute_saliency(model, windows, device, alpha_dtype=torch.float32, alpha_de
     try:
         for layer in model.layers:
             block = {}
-            for name in LINEAR_ORDER:
+            for name in LINEARS:
                 w = layer.get_submodule(name).weight
                 block[name] = torch.zeros(w.shape, dtype=alpha_dtype, device=alpha_device)
                 w.requires_grad_(True)
@@ -122,7 +120,7 @@ def save_saliency(out, alphas, meta):
     stats = []
     for l, block in enumerate(alphas):
         data = save({n: a.detach().cpu().contiguous() for n, a in block.items()})  # one block's bytes
-        atomic_write(out / f"block_{l:03d}.safetensors", data, "wb")
+        atomic_write(out / f"block_{l:03d}.safetensors", data)
         total = sum(a.double().sum().item() for a in block.values())
         count = sum(a.numel() for a in block.values())
         stats.append({"block": l, "mean": total / count, "max": max(a.max().item() for a in block.values()),
@@ -158,7 +156,7 @@ def check_saliency(path, model) -> dict:
         if not f.exists():
             raise FileNotFoundError(f"--saliency {path}: {f.name} is missing")
         with safe_open(str(f), framework="pt") as st:
-            for name in LINEAR_ORDER:
+            for name in LINEARS:
                 shape = tuple(layer.get_submodule(name).weight.shape)
                 got = tuple(st.get_slice(name).get_shape()) if name in st.keys() else None
                 if got != shape:
@@ -168,8 +166,12 @@ def check_saliency(path, model) -> dict:
 
 
 class SaliencyPenalty:
-    """penalty(qb, l) = lambda_l * sum over qb's QuantLinear of sum_i alpha_i (w_i - W_eff,i)^2,
-    eq. (2); path None: alpha_i = 1 (the naive weight penalty). One block's alphas in memory."""
+    """The second term of eq. (2) for block l:
+
+        lambda_l * sum over the block's linears of sum_i alpha_i (w_i - W_eff,i)^2
+
+    W_eff = Q(W) + s B A (variant "after") or Q(W) ("before"); path None: alpha_i = 1 (the
+    naive weight penalty of section 3.1). One block's alphas are in memory at a time."""
 
     def __init__(self, path, lam, multiplier=1.0, variant="after"):
         self.path, self.lam, self.multiplier, self.variant = path, lam, multiplier, variant
@@ -187,56 +189,54 @@ class SaliencyPenalty:
             self._key = (l, device)
         return self._alphas
 
-    def distance(self, qb, l, reuse=False):
-        """sum over the linears of sum_i alpha_i (w_i - W_eff,i)^2, an fp32 scalar tensor.
-        reuse: take Q(W) from this training step's forward instead of quantizing W again."""
+    def distance(self, l, linears, qs):
+        """sum over `linears` ({name in the block: QuantLinear}) of sum_i alpha_i (w_i - W_eff,i)^2,
+        an fp32 scalar tensor; qs: their Q(W), as the step's forward applied them."""
         total = 0.0
-        for name, m in quant_linears(qb):
-            q = m.last_qweight if reuse and m.last_qweight is not None else m.qweight()
-            # .weight is W itself in ApiQ's QuantLinear: the penalty pulls W_eff back to the fp weight
-            w_eff = q.float() + m.lora_weight() if self.variant == "after" else q.float()
-            d2 = (m.weight.float() - w_eff).square()                          # (out, in)
+        for (name, m), q in zip(linears.items(), qs):
+            w_eff = q.float() + m.lora_weight() if self.variant == "after" else q.float()  # (out, in)
+            d2 = (m.weight.float() - w_eff).square()                                    # (out, in)
             alphas = self.alphas(l, m.weight.device)
-            total = total + (d2 if alphas is None else alphas[name] * d2).sum()     # eq. (2)
+            total = total + (d2 if alphas is None else alphas[name] * d2).sum()
         return total
 
-    def __call__(self, qb, l):
-        return self.lambda_l(l) * self.distance(qb, l, reuse=True)            # eq. (2), second term
+    def __call__(self, l, linears, qs):
+        return self.lambda_l(l) * self.distance(l, linears, qs)                        # eq. (2)
 
     @torch.no_grad()
-    @torch.no_grad()
-    def report(self, qb, l, mse=None) -> dict:
-        """For the per-block log; `mse` is the block's output MSE after calibration (the loss's
-        mse term; twice that with --aug-loss), so penalty_over_mse shows the balance of eq. (2)."""
-        dist = self.distance(qb, l).item()
+    def report(self, l, linears, mse=None) -> dict:
+        """For the per-block log, after calibration; `mse` is the block's output MSE, so
+        penalty_over_mse shows the balance of the two terms of eq. (2)."""
+        dist = self.distance(l, linears, [m.qweight() for m in linears.values()]).item()
         out = {"penalty": self.lambda_l(l) * dist, "lambda_l": self.lambda_l(l), "penalty_distance": dist}
         if mse is not None:
             out["penalty_over_mse"] = out["penalty"] / mse if mse > 0 else float("inf")
         return out
 
 
-def make_penalty(a, model):
-    """The penalty that calibrate.py's arguments ask for, or None where it would be zero, so that
-    lambda = 0 runs plain ApiQ bit for bit."""
-    wp = a.weight_penalty or 0.0
-    if a.saliency and wp:
+def make_penalty(model, saliency=None, sal_lambda=1.0, sal_multiplier=1.0, sal_variant="after",
+                 weight_penalty=0.0):
+    """The penalty that these settings ask for (saliency: a directory from this script), or None
+    where it would be zero, so that lambda = 0 runs plain ApiQ bit for bit."""
+    if saliency and weight_penalty:
         raise ValueError("--saliency and --weight-penalty are two different penalties: give only one")
-    if min(a.sal_lambda, wp, a.sal_multiplier) < 0:
+    if min(sal_lambda, weight_penalty, sal_multiplier) < 0:
         raise ValueError("--sal-lambda, --sal-multiplier and --weight-penalty must not be negative")
-    if a.sal_variant not in ("after", "before"):
-        raise ValueError(f"--sal-variant must be 'after' or 'before', got {a.sal_variant!r}")
-    if a.saliency:
-        check_saliency(a.saliency, model)      # a wrong file is an error even where lambda is 0
-        path, lam = a.saliency, a.sal_lambda
+    if sal_variant not in ("after", "before"):
+        raise ValueError(f"--sal-variant must be 'after' or 'before', got {sal_variant!r}")
+    if saliency:
+        check_saliency(saliency, model)      # a wrong directory is an error even where lambda is 0
+        path, lam = saliency, sal_lambda
     else:
-        path, lam = None, wp
-    return SaliencyPenalty(path, lam, a.sal_multiplier, a.sal_variant) if lam > 0 else None
+        path, lam = None, weight_penalty
+    return SaliencyPenalty(path, lam, sal_multiplier, sal_variant) if lam > 0 else None
 
 
 def main(a):
-    from cli import check_writable
+    from cli import DTYPES, check_writable
     from data import calib_windows
-    from llama import load
+    from llama import check_seqlen
+    from qmodel import load, require_fp
 
     if a.nsamples < 1 or a.seqlen < 2:
         raise ValueError("--nsamples must be positive and --seqlen at least 2 (a next token to predict)")
@@ -251,10 +251,8 @@ def main(a):
     dtype = DTYPES[a.dtype]
     print("config:", json.dumps(vars(a)))
     model, tok = load(a.ckpt, device=device, dtype=dtype)
-    if any(True for _ in quant_linears(model)):
-        raise ValueError(f"{a.ckpt} is quantized: saliency is taken on the full-precision checkpoint")
-    if a.seqlen > model.args.max_seq_len:
-        raise ValueError(f"--seqlen {a.seqlen} is beyond the model's context of {model.args.max_seq_len}")
+    require_fp(model, a.ckpt)
+    check_seqlen(model.args, a.seqlen)
     windows = calib_windows(tok, a.nsamples, a.seqlen, a.seed, a.dataset, a.data_dir)  # (n, T)
     rss_loaded = rss_gib()
     t0 = time.time()
@@ -282,8 +280,9 @@ if __name__ == "__main__":
 
     from cli import run
 
-    p = argparse.ArgumentParser(description="Saliency (summed squared gradients) of every linear weight, for calibrate.py --saliency.")
-    p.add_argument("--ckpt", default="smollm2-135m", help="full-precision checkpoint name or path (see llama.resolve_ckpt)")
+    p = argparse.ArgumentParser(description="Saliency (summed squared gradients) of every linear weight, for calibrate.py --saliency.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="smollm2-135m", help="full-precision checkpoint: a path or a name (README, Checkpoints)")
     p.add_argument("--out", default=None, help="output directory (default out/saliency-<ckpt>)")
     p.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "c4"], help="calibration text (paper: either)")
     p.add_argument("--nsamples", type=int, default=100, help="sequences, one gradient each (paper: 100)")

@@ -1,5 +1,5 @@
 """Zero-shot multiple-choice tasks of the second paper's Table 1 (Cao & Aref, arXiv 2504.13932;
-METHOD.md §6): WinoGrande, HellaSwag, ARC-Challenge, ARC-Easy, PIQA, in lm-evaluation-harness's
+docs/method.md §6): WinoGrande, HellaSwag, ARC-Challenge, ARC-Easy, PIQA, in lm-evaluation-harness's
 prompt format, so that evaluate.zero_shot scores them as `lm_eval --tasks ...` does (0-shot).
 
     python tasks.py                      # counts and the first item of each task

@@ -26,7 +26,6 @@ real SmolLM2-135M block, and the host memory of calibrating a Llama-2-7B-shaped 
 The machine may be shared: the load average is printed.
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time  # noqa: E401
-from argparse import Namespace
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -36,11 +35,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import calibrate  # noqa: E402
-from llama import ModelArgs, Transformer, load  # noqa: E402
+from llama import LINEARS, ModelArgs, Transformer, load  # noqa: E402
 
 GIB = 2 ** 30
 LLAMA2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}
-CALIB = dict(bits=2, group_size=64, rank=64, alpha=16.0, method="bw", seed=0, lr_clip=5e-3, lr_lora=5e-4, wd=0.1)
+CALIB = dict(bits=2, group_size=64, rank=64, method="bw")  # the rest: calibrate.Config's (the paper's) defaults
 
 
 def table(head, rows):
@@ -62,18 +61,19 @@ def calib_steps(l, fp, X, Y, freqs, steps, hook=lambda k: None):
     """Seconds of each training step of calibrate_block (one loss_fn call to the next)."""
     stamps, orig = [], calibrate.train
 
-    def timed(qb, modules, loss_fn, *rest):
+    def timed(linears, objective, *rest):
         def fn(i):
             hook(len(stamps))
             stamps.append(time.perf_counter())
-            return loss_fn(i)
-        ok = orig(qb, modules, fn, *rest)
+            return objective(i)
+        ok = orig(linears, fn, *rest)
         hook(len(stamps))
         stamps.append(time.perf_counter())
         return ok
     calibrate.train = timed
     try:  # X^q = X and Y2 = Y, as calibrate.main has them for block 0
-        calibrate.calibrate_block(l, fp, X, X, Y, Y, freqs, Namespace(**CALIB, epochs=steps), "cpu", nullcontext())
+        calibrate.calibrate_block(l, fp, X, X, Y, Y, freqs, calibrate.make_config(**CALIB, epochs=steps), "cpu",
+                                  nullcontext())
     finally:
         calibrate.train = orig
     return [b - a for a, b in zip(stamps, stamps[1:])]
@@ -205,7 +205,7 @@ def main(a):
     print(f"torch {torch.__version__}, threads {a.threads}, loadavg at start {os.getloadavg()}")
     model, tok = load("smollm2-135m")
     dim, hidden, blocks = model.args.dim, model.args.hidden_dim, (0, 2 * model.args.n_layers // 3)
-    N = sum(m.weight.numel() for n, m in model.layers[0].named_modules() if n in calibrate.LINEAR_ORDER)
+    N = sum(m.weight.numel() for n, m in model.layers[0].named_modules() if n in LINEARS)
     cases = {(l, T): block_inputs(model, tok, l, T) for T in a.seqlens for l in blocks}
     steps, mm, sq = {(th, *c): [] for th in a.threads for c in cases}, {}, {}
     for _ in range(a.rounds):  # interleaved: per thread count the matmul peaks, then each case's steps

@@ -8,7 +8,6 @@ BeforeLoRA, interleaved in one run, 1 thread, r 64, g64, 2 bits, --aug-loss.
 import statistics
 import sys
 import time
-from argparse import Namespace
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,19 +28,18 @@ with torch.no_grad():
     X = model.tok_embeddings(tokens)
 fp = model.layers[0]
 Y = calibrate.run_block(fp, X, freqs, "cpu", ctx, X.dtype)
-base = dict(bits=2, group_size=64, rank=64, alpha=16.0, method="bw", epochs=2, seed=0, lr_clip=5e-3,
-            lr_lora=5e-4, wd=0.1, aug_loss=True, weight_penalty=0.0, sal_multiplier=1.0, sal_lambda=1.0)
+base = dict(bits=2, group_size=64, rank=64, epochs=2)  # the rest: calibrate.Config's (the paper's) defaults
 res = {"plain": [], "after": [], "before": []}
 for r in range(3):  # round 0 is warm-up
     for k in res:
-        a = Namespace(**base, saliency=None if k == "plain" else "out/saliency-smollm2",
-                      sal_variant="after" if k == "plain" else k)
-        pen = None if k == "plain" else make_penalty(a, model)
+        a = calibrate.make_config(**base, saliency=None if k == "plain" else "out/saliency-smollm2",
+                                  sal_variant="after" if k == "plain" else k)
+        pen = None if k == "plain" else make_penalty(model, a.saliency, a.sal_lambda, a.sal_multiplier, a.sal_variant)
         t = time.perf_counter()
         calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", ctx, pen)
         if r:
             res[k].append((time.perf_counter() - t) / (a.epochs * len(X)))
 p = statistics.median(res["plain"])
-print(f"\n| seqlen | penalty | s/step (median) | ratio to none |\n|---|---|---|---|")
+print("\n| seqlen | penalty | s/step (median) | ratio to none |\n|---|---|---|---|")
 for k, v in res.items():
     print(f"| {T} | {k} | {statistics.median(v):.3f} | {statistics.median(v) / p:.2f} |")

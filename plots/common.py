@@ -5,7 +5,6 @@ A results directory holds `<method>-w<bits>.json` (evaluate.py --json), `fp.json
 models `<method>-w<bits>/` (model.safetensors with each linear's A and B)."""
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -64,9 +63,6 @@ def load_results(results: str, methods, bits: int) -> dict:
 
 def save(fig, out: str):
     """Write the PNG next to its final name, then rename: no half-written figure survives a crash."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    os.replace(tmp, out)
+    from cli import atomic_write
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Shared fixtures: the real data in ../shared/data and the real SmolLM2-135M GGUF.
 
 Outside CI a missing piece skips the tests that need it; with CI=true it is a failure
-(DEVELOPERS.md: CI must run on the real parts)."""
+(CI must run on the real parts, not mocks)."""
 import json
 import os
 import sys

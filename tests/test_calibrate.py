@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,16 +13,14 @@ import pytest
 import torch
 
 import calibrate
-from lora import loftq_linear, qlora_linear, swap_linears
+from lora import init_linear, swap_linears
 from llama import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def args(**kw):
-    a = dict(bits=2, group_size=32, rank=8, alpha=16.0, method="bw", epochs=10, seed=0,
-             lr_clip=5e-3, lr_lora=5e-4, wd=0.1, aug_loss=True)
-    return Namespace(**(a | kw))
+    return calibrate.make_config(**(dict(bits=2, group_size=32, rank=8, epochs=10) | kw))
 
 
 def block_error(block, X, Y, freqs):
@@ -40,9 +37,9 @@ def test_apiq_block_error_far_below_qlora_and_loftq(method):
     freqs = model.freqs_cis(32, "cpu")
     Y = calibrate.run_block(fp, X, freqs, "cpu", nullcontext(), X.dtype)
     qlora = copy.deepcopy(fp)
-    swap_linears(qlora, lambda lin: qlora_linear(lin, 2, 32, 8))
+    swap_linears(qlora, lambda lin: init_linear(lin, "qlora", 2, 32, 8))
     loftq = copy.deepcopy(fp)
-    swap_linears(loftq, lambda lin: loftq_linear(lin, 2, 32, 8, iters=5))
+    swap_linears(loftq, lambda lin: init_linear(lin, "loftq", 2, 32, 8, loftq_iters=5))
     a = args(method=method, epochs=20 if method == "bw" else 10, lr_clip=1e-2, lr_lora=2e-3)
     apiq, _ = calibrate.calibrate_block(0, fp, X, X, Y, None, freqs, a, "cpu", nullcontext())
     errs = {name: block_error(b, X, Y, freqs) for name, b in [("qlora", qlora), ("loftq", loftq), ("apiq", apiq)]}
@@ -105,11 +102,12 @@ def test_killed_run_resumes_to_the_identical_result(tiny_ckpt, tmp_path):
     resumed = subprocess.run(calib_cmd(tiny_ckpt, out), cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not (out / "blocks").exists() and (out / "model.safetensors").stat().st_mode & 0o044  # 644, not 600
     # a finished directory is never overwritten, and other settings cannot resume a run
     again = subprocess.run(calib_cmd(tiny_ckpt, out), cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 2 and "already holds a finished model" in again.stderr
     (out / "apiq.json").rename(out / "apiq.json.bak")
-    (out / "progress.json").write_text(json.dumps({"config": {"bits": 3}, "blocks": []}))
+    (out / "progress.json").write_text(json.dumps({"settings": {"bits": 3}, "blocks": []}))
     other = subprocess.run(calib_cmd(tiny_ckpt, out), cwd=ROOT, capture_output=True, text=True)
     assert other.returncode == 2 and "other settings" in other.stderr and "Traceback" not in other.stderr
 

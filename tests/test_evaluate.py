@@ -28,7 +28,7 @@ def test_windows_follow_the_gptq_protocol(smollm2, data_dir):
     assert torch.equal(w.flatten(), stream[: w.numel()])
     c = calib_windows(tok, 5, 256, seed=3, data_dir=data_dir)
     train = token_stream(tok, "train", data_dir)
-    rng = random.Random(3)                                         # METHOD.md §4: randint(0, N - seqlen - 1)
+    rng = random.Random(3)                                         # docs/method.md §4: randint(0, N - seqlen - 1)
     for row in c:
         i = rng.randint(0, train.numel() - 256 - 1)
         assert torch.equal(row, train[i:i + 256])

@@ -1,12 +1,11 @@
-"""LoRA on a quantized weight (METHOD.md sections 2-3): QuantLinear, and the QLoRA / LoftQ inits."""
+"""LoRA on a quantized weight (ApiQ sections 2-3): QuantLinear, and the QLoRA / LoftQ inits."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from lora import (QuantLinear, loftq_init, loftq_linear, lora_init, qlora_init, qlora_linear,
-                  quant_linears, swap_linears)
+from lora import QuantLinear, init_linear, loftq_init, lora_init, qlora_init, quant_linears, swap_linears, use_qweights
 from quant import dequantize, fake_quant, rtn, unpack
 
 
@@ -28,27 +27,26 @@ def test_lora_init_shapes_and_bound():
 def test_forward_is_quantized_weight_plus_scaled_lora():
     torch.manual_seed(0)
     lin = nn.Linear(128, 48, bias=False)
-    m = QuantLinear.from_linear(lin, bits=2, group_size=64, rank=8, alpha=16)
+    m = QuantLinear.from_linear(lin, bits=2, group_size=64, rank=8, lora_alpha=16)
     x = torch.randn(2, 5, 128)
     q = fake_quant(lin.weight.detach(), 2, 64, m.gamma, m.beta)
     torch.testing.assert_close(m(x), x @ q.T)  # B = 0 at init: the adapter adds nothing
     with torch.no_grad():
         m.B.normal_()
     torch.testing.assert_close(m(x), x @ (q + 2.0 * m.B @ m.A).T)  # alpha / r = 16 / 8
-    torch.testing.assert_close(m.merged_weight(), q + 2.0 * m.B @ m.A)
+    torch.testing.assert_close(m.effective_weight(), q + 2.0 * m.B @ m.A)
 
 
 def test_parameter_groups_are_disjoint_and_complete():
-    m = QuantLinear.from_linear(nn.Linear(128, 48), bits=3, group_size=64, rank=4, alpha=16)
+    m = QuantLinear.from_linear(nn.Linear(128, 48), bits=3, group_size=64, rank=4, lora_alpha=16)
     clip, lora = m.clip_parameters(), m.lora_parameters()
     assert [p.shape for p in clip] == [(48, 2), (48, 2)]
     assert all((p == 4.0).all() for p in clip)
     ids = lambda ps: {id(p) for p in ps}
     assert not ids(clip) & ids(lora)
     assert ids(clip) | ids(lora) == ids(p for p in m.parameters() if p.requires_grad)
-    rtn_only = QuantLinear.from_linear(nn.Linear(128, 48), bits=3, group_size=64, clip=False)
-    assert rtn_only.clip_parameters() == [] and rtn_only.gamma is None
-    torch.testing.assert_close(rtn_only.qweight(), rtn(rtn_only.weight, 3, 64))
+    rtn_only = init_linear(nn.Linear(128, 48), "rtn", bits=3, group_size=64)
+    assert rtn_only.clip_parameters() == [] and rtn_only.gamma is None and rtn_only.rank == 0
 
 
 def test_gradients_reach_clipping_and_lora():
@@ -61,18 +59,29 @@ def test_gradients_reach_clipping_and_lora():
                for p in m.clip_parameters() + m.lora_parameters())
 
 
-def test_freeze_caches_and_notices_a_change():
+def test_freeze_stores_codes_and_keeps_the_output():
     torch.manual_seed(0)
     m = QuantLinear.from_linear(nn.Linear(128, 32, bias=False), bits=2, group_size=64, rank=8)
     x = torch.randn(3, 128)
     before = m(x)
     m.freeze()
-    assert m.w_hat is not None and not m.gamma.requires_grad and m.A.requires_grad
-    assert torch.equal(m(x), before)
-    with torch.no_grad():
-        m.gamma.fill_(0.0)  # an in-place change after freeze() must not be served stale
-    assert not torch.equal(m(x), before)
-    torch.testing.assert_close(m.w_hat, fake_quant(m.weight, 2, 64, m.gamma, m.beta))
+    assert m.quantized and m.gamma is None and m.clip_parameters() == [] and m.A.requires_grad
+    assert m.q_cache is not None and torch.equal(m(x), before)
+    m.drop_cache()                              # from the packed codes in every forward: the same
+    assert m.q_cache is None and torch.equal(m(x), before)
+    assert m.weight is not None                 # .weight is still W, the full-precision weight
+
+
+def test_use_qweights_hands_the_step_q_to_the_forward():
+    torch.manual_seed(0)
+    m = QuantLinear.from_linear(nn.Linear(128, 32, bias=False), bits=2, group_size=64, rank=8)
+    x = torch.randn(3, 128)
+    q = torch.randn(32, 128, requires_grad=True)
+    with use_qweights([m], [q]):
+        y = m(x)
+    torch.testing.assert_close(y, x @ q.T)
+    y.sum().backward()
+    assert q.grad is not None and m.q_cache is None    # the graph reaches q; nothing is left behind
 
 
 def test_export_restores_the_quantized_weight_bit_for_bit():
@@ -81,18 +90,21 @@ def test_export_restores_the_quantized_weight_bit_for_bit():
     with torch.no_grad():
         m.gamma.uniform_(1, 5)
         m.beta.uniform_(1, 5)
+    trained_q = m.qweight().detach()
+    m.freeze()
     t = m.export()
     assert t["qweight"].dtype == torch.uint8 and t["qweight"].numel() == 40 * 192 * 3 // 8
     restored = dequantize(unpack(t["qweight"], 3, (40, 192)), t["scale"], t["zero"], 64)
-    assert torch.equal(restored, m.qweight())
+    assert torch.equal(restored, trained_q)
     assert torch.equal(t["A"], m.A) and torch.equal(t["B"], m.B)
 
 
 def test_qlora_init():
     w = outlier_weight()
     init = qlora_init(w, 2, 64, 16)
-    assert torch.equal(init.q, rtn(w, 2, 64)) and torch.equal(init.B, torch.zeros(256, 16))
-    assert init.errors[0] == pytest.approx((w - init.q).norm().item(), rel=1e-5)
+    q = dequantize(init.codes, init.scale, init.zero, 64)
+    assert torch.equal(q, rtn(w, 2, 64)) and torch.equal(init.B, torch.zeros(256, 16))
+    assert init.errors[0] == pytest.approx((w - q).norm().item(), rel=1e-5)
 
 
 def test_loftq_weight_error_decreases_and_beats_qlora():
@@ -110,10 +122,10 @@ def test_loftq_compensates_the_lora_scaling():
     w = outlier_weight(128, 256)
     rank, alpha = 16, 4  # scaling 0.25, not 1
     init = loftq_init(w, 2, 64, rank, alpha, iters=2)
-    u, s, vh = torch.linalg.svd(w - init.q, full_matrices=False)
-    svd_term = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+    q = dequantize(init.codes, init.scale, init.zero, 64)
+    u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
+    svd_term = u[:, :rank] @ torch.diag(sv[:rank]) @ vh[:rank]
     torch.testing.assert_close(alpha / rank * init.B @ init.A, svd_term, atol=1e-5, rtol=1e-4)
-    assert torch.equal(rtn(init.base, 2, 64), init.q)  # base re-quantizes to exactly q
     lowrank = loftq_init(w, 2, 64, rank, alpha, iters=2, lowrank=True)
     assert lowrank.errors[-1] == pytest.approx(init.errors[-1], rel=0.05)
 
@@ -121,11 +133,13 @@ def test_loftq_compensates_the_lora_scaling():
 def test_baseline_modules_start_where_their_inits_do():
     torch.manual_seed(0)
     lin = nn.Linear(128, 64, bias=False)
-    m = loftq_linear(lin, bits=2, group_size=64, rank=8, alpha=16, iters=3)
+    m = init_linear(lin, "loftq", bits=2, group_size=64, rank=8, lora_alpha=16, loftq_iters=3)
     init = loftq_init(lin.weight, 2, 64, 8, 16, iters=3)
-    torch.testing.assert_close(m.merged_weight(), init.q + 2.0 * init.B @ init.A)
-    q = qlora_linear(lin, bits=2, group_size=64, rank=8)
-    assert torch.equal(q.merged_weight(), rtn(lin.weight.detach(), 2, 64))
+    q = dequantize(init.codes, init.scale, init.zero, 64)
+    torch.testing.assert_close(m.effective_weight(), q + 2.0 * init.B @ init.A)
+    assert m.weight.data_ptr() == lin.weight.data_ptr()     # .weight is W, not the residual LoftQ quantized
+    ql = init_linear(lin, "qlora", bits=2, group_size=64, rank=8)
+    assert torch.equal(ql.effective_weight(), rtn(lin.weight.detach(), 2, 64))
 
 
 class Attention(nn.Module):

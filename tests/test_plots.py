@@ -30,15 +30,17 @@ def sh(*cmd):
 def results(tiny_ckpt, tmp_path_factory):
     """A results directory as results.sh lays it out, made by calibrate.py and evaluate.py."""
     d = tmp_path_factory.mktemp("results")
-    ev = ["evaluate.py", "--ckpt", tiny_ckpt, "--ppl", "wikitext2,c4", "--seqlen", "64", "--limit", "1",
-          "--rank", "8", *SMALL]
-    sh(*ev, "--json", d / "fp.json")
-    sh("calibrate.py", "--ckpt", tiny_ckpt, "--out", d / "apiq-bw-w2", "--nsamples", "2", "--seqlen", "32",
-       "--epochs", "1", "--rank", "8", *SMALL)
-    sh(*ev[:2], d / "apiq-bw-w2", *ev[3:], "--errors", "--error-windows", "2", "--json", d / "apiq-bw-w2.json")
-    sh(*ev, "--method", "loftq", "--loftq-iters", "1", "--save", d / "loftq-w2", "--errors", "--json", d / "loftq-w2.json")
-    sh(*ev, "--method", "qlora", "--ppl", "", "--errors", "--json", d / "qlora-w2.json")
-    sh(*ev, "--method", "rtn", "--bits", "3", "--json", d / "rtn-w3.json")
+    ev = ["--ppl", "wikitext2,c4", "--seqlen", "64", "--limit", "1", "--threads", "1"]
+    cal = ["--ckpt", tiny_ckpt, "--rank", "8", *SMALL]
+    sh("evaluate.py", "--ckpt", tiny_ckpt, *ev, "--json", d / "fp.json")
+    sh("calibrate.py", *cal, "--out", d / "apiq-bw-w2", "--nsamples", "2", "--seqlen", "32", "--epochs", "1")
+    sh("calibrate.py", *cal, "--method", "loftq", "--loftq-iters", "1", "--out", d / "loftq-w2")
+    sh("calibrate.py", *cal, "--method", "qlora", "--out", d / "qlora-w2")
+    sh("calibrate.py", *cal, "--method", "rtn", "--bits", "3", "--out", d / "rtn-w3")
+    for name in ("apiq-bw-w2", "loftq-w2"):
+        sh("evaluate.py", "--ckpt", d / name, *ev, "--errors", "--error-windows", "2", "--json", d / f"{name}.json")
+    sh("evaluate.py", "--ckpt", d / "qlora-w2", *ev[2:], "--ppl", "", "--errors", "--json", d / "qlora-w2.json")
+    sh("evaluate.py", "--ckpt", d / "rtn-w3", *ev, "--json", d / "rtn-w3.json")
     return d
 
 

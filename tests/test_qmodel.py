@@ -1,4 +1,4 @@
-"""qmodel.py: whole-model baselines and the saved format on the real SmolLM2-135M."""
+"""qmodel.py: whole-model data-free inits and the saved format on the real SmolLM2-135M."""
 import copy
 import json
 import subprocess
@@ -8,19 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import load
 from lora import quant_linears
-from qmodel import quantize_model, save_quantized
-from quant import rtn
+from qmodel import load, quantize_model, save_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def saved(smollm2, tmp_path_factory):
-    """A 2-bit g64 LoftQ SmolLM2 (T=1 to keep the test short), saved and reloaded."""
+    """A 2-bit g64 QLoRA SmolLM2 with a random (non-zero) B, as after calibration, saved."""
     model, tok = smollm2
-    q = quantize_model(copy.deepcopy(model), "loftq", bits=2, group_size=64, rank=8, loftq_iters=1)
+    q = quantize_model(copy.deepcopy(model), "qlora", bits=2, group_size=64, rank=8)
+    torch.manual_seed(0)
+    for _, m in quant_linears(q):
+        m.B.data.normal_(0, 0.01)
     out = tmp_path_factory.mktemp("q") / "smollm2-loftq-w2"
     save_quantized(q, tok, out, {"method": "loftq"})
     return q, out
@@ -34,8 +35,11 @@ def test_saved_model_gives_identical_logits(saved):
         assert torch.equal(loaded(x), q(x))
     assert loaded.output.weight is loaded.tok_embeddings.weight
     assert len(list(quant_linears(loaded))) == 7 * 30
-    # the stored Q(W) is held once: `weight` and the cache forward uses are the same memory
-    assert all(m.weight.data_ptr() == m.w_hat.data_ptr() for _, m in quant_linears(loaded))
+    # a loaded model knows Q(W) (codes, scale, zero), not W
+    assert all(m.weight is None and m.quantized for _, m in quant_linears(loaded))
+    packed, _ = load(str(out), cache=False)            # dequantizing in every forward: the same logits
+    with torch.no_grad():
+        assert torch.equal(packed(x), q(x))
 
 
 def test_rtn_model_equals_an_independent_rtn(smollm2):
@@ -49,8 +53,7 @@ def test_rtn_model_equals_an_independent_rtn(smollm2):
         s = ((g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 3).clamp(1e-5, 1e4)
         z = torch.round(-g.amin(-1, keepdim=True) / s)
         w_hat = ((torch.clamp(torch.round(g / s) + z, 0, 3) - z) * s).reshape(w.shape)
-        assert torch.allclose(q.layers[i].feed_forward.w2.w_hat, w_hat, atol=1e-6)
-        assert torch.equal(q.layers[i].feed_forward.w2.w_hat, rtn(w, 2, 64))
+        assert torch.allclose(q.layers[i].feed_forward.w2.qweight(), w_hat, atol=1e-6)
 
 
 def test_two_bit_directory_size(smollm2, tmp_path):
@@ -85,10 +88,15 @@ def test_bad_quantized_inputs_fail_with_one_line(saved, tmp_path):
     (other / "apiq.json").write_text(json.dumps(cfg))
     cases = [(["evaluate.py", "--ckpt", str(trunc), "--ppl", ""], "truncated or corrupt"),
              (["evaluate.py", "--ckpt", str(other), "--ppl", ""], "made for another model"),
-             (["evaluate.py", "--method", "rtn", "--bits", "9", "--ppl", ""], "bits must be an integer in 1..8"),
-             (["evaluate.py", "--method", "rtn", "--bits", "0", "--ppl", ""], "bits must be an integer in 1..8"),
-             (["evaluate.py", "--method", "rtn", "--group-size", "100", "--ppl", ""], "does not divide"),
-             (["evaluate.py", "--ckpt", str(out), "--method", "rtn", "--ppl", ""], "already quantized")]
+             (["calibrate.py", "--method", "rtn", "--bits", "9", "--out", str(tmp_path / "o")], "bits must be an integer in 1..8"),
+             (["calibrate.py", "--method", "rtn", "--bits", "0", "--out", str(tmp_path / "o")], "bits must be an integer in 1..8"),
+             (["calibrate.py", "--method", "rtn", "--group-size", "100", "--out", str(tmp_path / "o")], "does not divide"),
+             (["calibrate.py", "--ckpt", str(out), "--method", "rtn", "--out", str(tmp_path / "o")], "already quantized"),
+             (["evaluate.py", "--ckpt", str(tmp_path), "--ppl", ""], "not a checkpoint")]
+    unfinished = tmp_path / "unfinished"     # a calibration that was stopped: progress.json, no apiq.json
+    unfinished.mkdir()
+    (unfinished / "progress.json").write_text("{}")
+    cases.append((["evaluate.py", "--ckpt", str(unfinished), "--ppl", ""], "unfinished calibration"))
     for args, words in cases:
         r = run_cli(*args)
         assert r.returncode == 2, (args, r.stderr)

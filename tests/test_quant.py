@@ -1,4 +1,4 @@
-"""The quantizer of METHOD.md section 1 on hand-computed groups, its STE gradients, and storage."""
+"""The quantizer of docs/method.md §1 on hand-computed groups, its STE gradients, and storage."""
 import pytest
 import torch
 
@@ -52,7 +52,7 @@ def test_clipping_halves_the_range():
     assert zero.tolist() == [[1.0]]
     torch.testing.assert_close(fake_quant(w, 2, 4, zero_logit, zero_logit),
                                torch.tensor([[-0.25, 0.0, 0.25, 0.5]]))
-    # the init of METHOD.md, 4.0, barely clips: sigmoid(4) = 0.982
+    # the init of docs/method.md §1, 4.0, barely clips: sigmoid(4) = 0.982
     four = torch.full((1, 2), 4.0)
     s4, _ = quant_params(W2, 2, 4, four, four)
     torch.testing.assert_close(s4, torch.sigmoid(torch.tensor(4.0)) * torch.tensor([[0.5, 0.3]]))

@@ -1,7 +1,6 @@
 """saliency.py: alpha is the sum of per-sequence squared gradients (checked against torch.func),
 the penalty of eq. (2) reaches the parameters its variant says, lambda_l = lambda * multiplier^l,
 lambda = 0 is plain ApiQ bit for bit, a foreign saliency is refused, and the real SmolLM2 works."""
-from argparse import Namespace
 from contextlib import nullcontext
 
 import pytest
@@ -11,7 +10,9 @@ from torch.func import functional_call, grad
 
 import calibrate
 from llama import ModelArgs, Transformer
-from saliency import (LINEAR_ORDER, SaliencyPenalty, check_saliency, compute_saliency, load_block_saliency,
+from llama import LINEARS
+from lora import quant_linears
+from saliency import (SaliencyPenalty, check_saliency, compute_saliency, load_block_saliency,
                       make_penalty, model_shape, save_saliency)
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96)
@@ -34,10 +35,17 @@ def tiny(**kw):
 
 
 def args(**kw):
-    a = dict(bits=2, group_size=32, rank=8, alpha=16.0, method="bw", epochs=2, seed=0, lr_clip=1e-2,
-             lr_lora=2e-3, wd=0.1, aug_loss=True, saliency=None, sal_lambda=1.0, sal_multiplier=1.0,
-             sal_variant="after", weight_penalty=0.0)
-    return Namespace(**(a | kw))
+    return calibrate.make_config(**(dict(bits=2, group_size=32, rank=8, epochs=2, lr_clip=1e-2, lr_lora=2e-3) | kw))
+
+
+def penalty_of(a, model):
+    return make_penalty(model, a.saliency, a.sal_lambda, a.sal_multiplier, a.sal_variant, a.weight_penalty)
+
+
+def step_penalty(pen, qb, l):
+    """The penalty as bw_objective computes it: on the step's Q(W) of every linear."""
+    linears = dict(quant_linears(qb))
+    return pen(l, linears, [m.qweight() for m in linears.values()])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +61,7 @@ def tiny_saliency(tmp_path_factory):
 
 def test_alpha_is_the_sum_of_per_sequence_squared_gradients(tiny_saliency):
     model, out, sal, tokens = tiny_saliency
-    names = [f"layers.{l}.{n}.weight" for l in range(2) for n in LINEAR_ORDER]
+    names = [f"layers.{l}.{n}.weight" for l in range(2) for n in LINEARS]
     params = dict(model.named_parameters())
 
     def loss(ws, t):                                    # the same L_s, written functionally
@@ -67,7 +75,7 @@ def test_alpha_is_the_sum_of_per_sequence_squared_gradients(tiny_saliency):
             ref[n] += g[n] ** 2
     for l in range(2):
         saved = load_block_saliency(out, l)
-        for n in LINEAR_ORDER:
+        for n in LINEARS:
             want = ref[f"layers.{l}.{n}.weight"]
             for got in (sal.alphas[l][n], saved[n]):
                 assert (got - want).norm() <= 1e-6 * want.norm(), (l, n)
@@ -76,7 +84,7 @@ def test_alpha_is_the_sum_of_per_sequence_squared_gradients(tiny_saliency):
 
 def quant_block(model, l=0):
     qb = calibrate.quant_block(model.layers[l], args(), seed=0)
-    for _, m in calibrate.quant_linears(qb):
+    for _, m in quant_linears(qb):
         with torch.no_grad():
             m.B.normal_(0, 0.02)                        # as after some training: with B = 0, d/dA is 0 too
         for p in m.clip_parameters() + m.lora_parameters():
@@ -88,8 +96,8 @@ def quant_block(model, l=0):
 def test_penalty_gradient_reaches_what_the_variant_says(tiny_saliency, variant):
     model, out, _, _ = tiny_saliency
     qb = quant_block(model)
-    pen = SaliencyPenalty(out, 1.0, 1.0, variant)(qb, 0)
-    mods = [m for _, m in calibrate.quant_linears(qb)]
+    pen = step_penalty(SaliencyPenalty(out, 1.0, 1.0, variant), qb, 0)
+    mods = [m for _, m in quant_linears(qb)]
     lora = [p for m in mods for p in m.lora_parameters()]
     clip = [p for m in mods for p in m.clip_parameters()]
     grads = torch.autograd.grad(pen, lora + clip, allow_unused=True)
@@ -109,14 +117,14 @@ def test_lambda_l_is_lambda_times_multiplier_to_the_l(tiny_saliency):
     for l in range(2):                                  # both blocks have the same shapes
         alphas = load_block_saliency(out, l)
         manual = sum((alphas[n] * (m.weight - m.qweight() - m.scaling * m.B @ m.A) ** 2).sum()
-                     for n, m in calibrate.quant_linears(qb))
+                     for n, m in quant_linears(qb))
         assert pen.lambda_l(l) == lam * mult ** l
-        torch.testing.assert_close(pen(qb, l), lam * mult ** l * manual, rtol=1e-5, atol=0)
-    naive = make_penalty(args(weight_penalty=lam, sal_multiplier=mult, sal_variant="before"), model)
+        torch.testing.assert_close(step_penalty(pen, qb, l), lam * mult ** l * manual, rtol=1e-5, atol=0)
+    naive = penalty_of(args(weight_penalty=lam, sal_multiplier=mult, sal_variant="before"), model)
     assert naive.path is None                           # --weight-penalty: alpha_i = 1
-    dist = sum(((m.weight - m.qweight()) ** 2).sum() for _, m in calibrate.quant_linears(qb))
-    torch.testing.assert_close(naive(qb, 3), lam * mult ** 3 * dist, rtol=1e-5, atol=0)
-    rep = pen.report(qb, 1, mse=2.0)
+    dist = sum(((m.weight - m.qweight()) ** 2).sum() for _, m in quant_linears(qb))
+    torch.testing.assert_close(step_penalty(naive, qb, 3), lam * mult ** 3 * dist, rtol=1e-5, atol=0)
+    rep = pen.report(1, dict(quant_linears(qb)), mse=2.0)
     assert rep["penalty_over_mse"] == pytest.approx(rep["penalty"] / 2.0) and rep["lambda_l"] == lam * mult
 
 
@@ -129,10 +137,10 @@ def test_lambda_zero_is_plain_apiq_bw_bit_for_bit(tiny_saliency):
     Y = calibrate.run_block(fp, X, freqs, "cpu", nullcontext(), X.dtype)
 
     def trained(a):
-        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", nullcontext(), make_penalty(a, model))
+        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", nullcontext(), penalty_of(a, model))
         return {k: v for k, v in qb.state_dict().items()}
 
-    assert make_penalty(args(saliency=str(out), sal_lambda=0.0), model) is None
+    assert penalty_of(args(saliency=str(out), sal_lambda=0.0), model) is None
     plain, zero = trained(args()), trained(args(saliency=str(out), sal_lambda=0.0))
     assert plain.keys() == zero.keys() and all(torch.equal(plain[k], zero[k]) for k in plain)
     strong = trained(args(saliency=str(out), sal_lambda=1e6))                 # the test can see a difference
@@ -145,9 +153,9 @@ def test_foreign_or_unfinished_saliency_is_refused(tiny_saliency, tmp_path):
     with pytest.raises(ValueError, match=r"computed for another model .*hidden_dim 96 there, 128 here"):
         check_saliency(out, tiny(hidden_dim=128))
     with pytest.raises(ValueError, match="computed for another model"):
-        make_penalty(args(saliency=str(out)), tiny(n_layers=3))
+        penalty_of(args(saliency=str(out)), tiny(n_layers=3))
     with pytest.raises(ValueError, match="give only one"):
-        make_penalty(args(saliency=str(out), weight_penalty=0.1), model)
+        penalty_of(args(saliency=str(out), weight_penalty=0.1), model)
     with pytest.raises(FileNotFoundError, match="no saliency.json"):
         check_saliency(tmp_path, model)
 
