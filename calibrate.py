@@ -47,6 +47,20 @@ METHODS = ("bw", "lw") + INITS
 ON_GPU = torch.cuda.is_available()
 
 
+# Beyond the paper, for a CPU budget (measured in bench/bench_recipes.py, README): the LoRA factors
+# start from the SVD of W - Q(W), every weight learns a rounding offset, higher learning rates
+# decay along a cosine. --quick drops the --aug-loss term (no measured effect with these options).
+FAST = dict(lora_init="svd", learn_rounding=True, lr_schedule="cosine", lr_lora=2e-3, lr_clip=1e-2)
+QUICK = dict(nsamples=32, seqlen=256, epochs=2, aug_loss=False, **FAST)
+LONG = dict(nsamples=64, seqlen=512, epochs=4, **FAST)
+
+
+def as_flags(preset) -> str:
+    return " ".join(f"--{k.replace('_', '-')}" if v is True else f"--no-{k.replace('_', '-')}" if v is False
+                    else f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
+
+
+
 @dataclass
 class Config:
     """One run of calibrate.py. The defaults are the ApiQ paper's main setting (section 4)."""
@@ -80,7 +94,8 @@ class Config:
     sal_variant: str = arg("after", "penalise Q(W) + sBA (after, AfterLoRA) or Q(W) (before)", choices=("after", "before"))
     weight_penalty: float = arg(0.0, "strength of the naive unweighted penalty (alpha_i = 1)")
     dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and cached activations (CPU: fp32)", choices=tuple(DTYPES))
-    quick: bool = arg(False, "the CPU recipe: 32 windows x 256 tokens, 2 epochs", result=False)
+    quick: bool = arg(False, f"the CPU recipe (SmolLM2: < 10 min on one core): {as_flags(QUICK)}", result=False)
+    long: bool = arg(False, f"the long CPU recipe (SmolLM2: ~1 h on one core): {as_flags(LONG)}", result=False)
     out: Optional[str] = arg(None, "output directory (default out/<ckpt>-<method>-w<bits>g<group>)", result=False)
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
     stop_after: Optional[int] = arg(None, "calibrate this many blocks, then stop (the same command continues)",
@@ -89,12 +104,12 @@ class Config:
     threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
 
 
-QUICK = dict(nsamples=32, seqlen=256, epochs=2)  # --quick: the CPU recipe of README's demo
-
-
 def make_config(**given) -> Config:
-    """Config from the given settings, --quick's recipe filling what was not given."""
-    return Config(**(QUICK if given.get("quick") else {}) | given)
+    """Config from the given settings, --quick's or --long's recipe filling what was not given."""
+    if given.get("quick") and given.get("long"):
+        raise ValueError("--quick and --long are two recipes: give one")
+    preset = QUICK if given.get("quick") else LONG if given.get("long") else {}
+    return Config(**preset | given)
 
 
 # ---- the objective of one optimizer step
@@ -236,25 +251,28 @@ def calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, cfg, device, ctx, penalty=
                              f"try --dtype fp32 or lower --lr-clip / --lr-lora")
 
 
+PASS_BATCH = 4  # windows per forward in the passes without gradients
+
+
 @torch.no_grad()
 def run_block(block, X, freqs, device, ctx, out_dtype):
-    """block(X[i]) for every window, one at a time."""
+    """block(X) over all windows, PASS_BATCH at a time."""
     outs = []
-    for i in range(len(X)):
+    for i in range(0, len(X), PASS_BATCH):
         with ctx:
-            outs.append(block(X[i:i + 1].to(device), freqs)[0].to(device=X.device, dtype=out_dtype))
-    return torch.stack(outs)                                                     # (n, T, dim)
+            outs.append(block(X[i:i + PASS_BATCH].to(device), freqs).to(device=X.device, dtype=out_dtype))
+    return torch.cat(outs)                                                       # (n, T, dim)
 
 
 @torch.no_grad()
 def block_mse(block, Xq, Y, freqs, device, ctx):
-    """Mean over windows of mse(Y, F_q(X^q)): the block's activation error."""
+    """mse(Y, F_q(X^q)) over all windows: the block's activation error."""
     total = 0.0
-    for i in range(len(Xq)):
+    for i in range(0, len(Xq), PASS_BATCH):
         with ctx:
-            out = block(Xq[i:i + 1].to(device), freqs)
-        total += F.mse_loss(out.float(), Y[i:i + 1].to(device).float()).item()
-    return total / len(Xq)
+            out = block(Xq[i:i + PASS_BATCH].to(device), freqs)
+        total += F.mse_loss(out.float(), Y[i:i + PASS_BATCH].to(device).float(), reduction="sum").item()
+    return total / Y.numel()
 
 
 @torch.no_grad()
@@ -262,12 +280,12 @@ def capture_inputs(fp_block, qb, name, X, Xq, freqs, device, ctx):
     """Inputs of linear `name` in the fp block (on X) and in the quantized block (on X^q)."""
     def grab(block, inputs):
         got = []
-        h = block.get_submodule(name).register_forward_hook(lambda m, i, o: got.append(i[0][0].to(inputs.device)))
+        h = block.get_submodule(name).register_forward_hook(lambda m, i, o: got.append(i[0].to(inputs.device)))
         try:
             run_block(block, inputs, freqs, device, ctx, inputs.dtype)
         finally:
             h.remove()
-        return torch.stack(got)                                               # (n, T, in)
+        return torch.cat(got)                                                 # (n, T, in)
     return grab(fp_block, X), grab(qb, Xq)
 
 
@@ -410,7 +428,8 @@ def check_config(cfg):
 def output_dir(cfg) -> Path:
     name = Path(cfg.ckpt).name.removesuffix(".gguf") if Path(cfg.ckpt).exists() else cfg.ckpt
     tag = f"apiq-{cfg.method}" if cfg.method in ("bw", "lw") else cfg.method
-    return Path(cfg.out or f"out/{name}-{tag}-w{cfg.bits}g{cfg.group_size}{'-quick' if cfg.quick else ''}")
+    recipe = "-quick" if cfg.quick else "-long" if cfg.long else ""
+    return Path(cfg.out or f"out/{name}-{tag}-w{cfg.bits}g{cfg.group_size}{recipe}")
 
 
 def info(cfg, **extra) -> dict:
