@@ -484,16 +484,7 @@ def main(cfg: Config):
     return out
 
 
-def parse(argv=None) -> Config:
-    import argparse
-
-    from cli import add_config_args
-    p = argparse.ArgumentParser(description="Quantize a Llama checkpoint with ApiQ (block-wise, resumable) or "
-                                "one of the data-free inits it is compared with.")
-    add_config_args(p, Config)
-    return make_config(**vars(p.parse_args(argv)))
-
-
 if __name__ == "__main__":
-    from cli import run
-    run(lambda: main(parse(sys.argv[1:])))
+    from cli import parse_config, run
+    run(lambda: main(parse_config(Config, "Quantize a Llama checkpoint with ApiQ (block-wise, resumable) or one of "
+                                  "the data-free inits it is compared with.", sys.argv[1:], make_config)))

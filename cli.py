@@ -131,6 +131,14 @@ def add_config_args(p: argparse.ArgumentParser, cls, shown_defaults=None):
             p.add_argument(flag, type=meta["type"], choices=meta["choices"], default=argparse.SUPPRESS, help=help)
 
 
+def parse_config(cls, description, argv=None, build=None):
+    """The config dataclass `cls` from the command line: its flags, then build(**given)
+    (default cls itself; a preset-aware builder can fill what was not given)."""
+    p = argparse.ArgumentParser(description=description)
+    add_config_args(p, cls)
+    return (build or cls)(**vars(p.parse_args(argv)))
+
+
 def result_settings(config) -> dict:
     """The fields of a config dataclass that change the result."""
     return {f.name: getattr(config, f.name) for f in fields(config) if f.metadata.get("result", True)}

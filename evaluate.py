@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import DTYPES, add_config_args, arg, run, write_json
+from cli import DTYPES, arg, parse_config, run, write_json
 from data import DATASETS, ppl_windows
 from llama import check_seqlen
 from tasks import ACC_NORM, TASKS, item_requests, load_task
@@ -52,7 +52,7 @@ def window_nll(model, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
         # one row per position: torch's CPU log-softmax over a non-last dim, (B, vocab, c), is ~3x
         # slower and sums the vocab's exponentials less accurately (~1e-4 NLL off a float64 reference)
         nll = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")  # (B*c,)
-        total += nll.view(target.shape).sum(1)
+        total += nll.view(target.shape).sum(1)                             # (B*c,) -> (B, c) -> (B,)
     return total / (x.shape[1] - 1)
 
 
@@ -317,13 +317,7 @@ def main(cfg: Config):
     return results
 
 
-def parse(argv=None) -> Config:
-    import argparse
-    p = argparse.ArgumentParser(description="Perplexity (GPTQ protocol), zero-shot accuracy (lm-eval protocol), "
-                                "errors against full precision and generation, for a checkpoint or a quantized model.")
-    add_config_args(p, Config)
-    return Config(**vars(p.parse_args(argv)))
-
-
 if __name__ == "__main__":
-    run(lambda: main(parse(sys.argv[1:])))
+    run(lambda: main(parse_config(Config, "Perplexity (GPTQ protocol), zero-shot accuracy (lm-eval protocol), errors "
+                                  "against full precision and generation, for a checkpoint or a quantized model.",
+                                  sys.argv[1:])))

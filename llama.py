@@ -102,6 +102,7 @@ def apply_rotary_emb(xq, xk, freqs_cis):
     q = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (B, T, H, hd/2)
     k = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))  # (B, T, Hkv, hd/2)
     f = freqs_cis[None, :, None, :]                                        # (1, T, 1, hd/2)
+    # back to real pairs: (B, T, H, hd/2) complex -> (B, T, H, hd/2, 2) -> (B, T, H, hd)
     return torch.view_as_real(q * f).flatten(3).type_as(xq), torch.view_as_real(k * f).flatten(3).type_as(xk)
 
 
@@ -124,6 +125,7 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(rep, dim=2)                          # (B, T, H, hd)
         v = v.repeat_interleave(rep, dim=2)                          # (B, T, H, hd)
+        # (B, T, H, hd) -> (B, H, T, hd) each
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True)         # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))        # (B, T, dim)
@@ -228,6 +230,7 @@ def rename(name: str, table: dict) -> Optional[str]:
 def hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo transformers' convert_llama_weights_to_hf 'permute for sliced rotary' on q/k rows."""
     rows, cols = w.shape
+    # (rows, cols) -> (heads, 2, hd/2, cols) -> (heads, hd/2, 2, cols) -> (rows, cols)
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
@@ -246,7 +249,7 @@ def meta_state_dict(path: Path):
             if k.endswith("norm.weight") or k == "rope.freqs":
                 sd[k] = sds[0][k]
             else:
-                sd[k] = torch.cat([s[k] for s in sds], dim=1 if k.endswith(cat1) else 0)
+                sd[k] = torch.cat([sh[k] for sh in sds], dim=1 if k.endswith(cat1) else 0)  # (out, in) whole
     sd.pop("rope.freqs", None)
     args.setdefault("vocab_size", sd["tok_embeddings.weight"].shape[0])
     if args["vocab_size"] <= 0:  # Llama-2 params.json says -1: the tokenizer decides
@@ -319,6 +322,7 @@ def gguf_state_dict(reader, path):
             raise ValueError(f"{path}: unexpected tensor {t.name!r} in a llama GGUF")
         # GGUF q/k rows are already in Meta's adjacent-pair RoPE layout (llama.cpp permutes on convert)
         w = dequantize(t.data, t.tensor_type)                            # numpy fp32, (rows, cols)
+        # GGUF lists dims innermost first: (cols, rows) -> torch's (rows, cols)
         sd[name] = torch.from_numpy(w.reshape([int(d) for d in reversed(t.shape)]).copy())
     return args, sd
 

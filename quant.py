@@ -67,9 +67,9 @@ def quant_params(w, bits, group_size, gamma=None, beta=None):
     return scale, zero
 
 
-def _scaled(w, group_size, s, offset):
+def _scaled(w, group_size, step, offset):
     """W / step (+ the learned rounding offset V), grouped: (out, n_groups, group_size)."""
-    x = _groups(w, group_size) / s
+    x = _groups(w, group_size) / step
     return x if offset is None else x + offset.float().reshape(x.shape)
 
 
@@ -84,9 +84,9 @@ def fake_quant(w, bits, group_size, gamma=None, beta=None, offset=None):
     stay N-bit integers, so the storage does not change.
     """
     scale, zero = quant_params(w, bits, group_size, gamma, beta)
-    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (out, n_groups, 1)
-    q = torch.clamp(round_ste(_scaled(w, group_size, s, offset)) + z, 0, 2**bits - 1)  # eq. (5), (out, n_groups, gs)
-    w_hat = (q - z) * s  # eq. (6), (out, n_groups, group_size)
+    step, zp = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (out, n_groups, 1)
+    q = torch.clamp(round_ste(_scaled(w, group_size, step, offset)) + zp, 0, 2**bits - 1)  # eq. (5), (out, n_groups, gs)
+    w_hat = (q - zp) * step  # eq. (6), (out, n_groups, group_size)
     return w_hat.reshape(w.shape).to(w.dtype)  # (out, in)
 
 
@@ -97,8 +97,8 @@ def quantize(w, bits, group_size, gamma=None, beta=None, offset=None):
     """
     with torch.no_grad():
         scale, zero = quant_params(w, bits, group_size, gamma, beta)
-        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (out, n_groups, 1)
-        q = torch.clamp(torch.round(_scaled(w, group_size, s, offset)) + z, 0, 2**bits - 1)  # eq. (5), (out, n_groups, gs)
+        step, zp = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (out, n_groups, 1)
+        q = torch.clamp(torch.round(_scaled(w, group_size, step, offset)) + zp, 0, 2**bits - 1)  # eq. (5), (out, n_groups, gs)
     return q.reshape(w.shape).to(torch.uint8), scale, zero  # codes (out, in)
 
 
@@ -134,7 +134,7 @@ def pack(codes, bits):
         return (c.reshape(-1, per) << shifts).sum(-1).to(torch.uint8)  # (n_bytes,), (n_bytes, per) summed
     # 3, 5, 6, 7 bits: codes straddle bytes; go through single bits
     stream = (c.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32, device=c.device)) & 1  # (numel, bits)
-    stream = torch.nn.functional.pad(stream.reshape(-1), (0, -stream.numel() % 8))
+    stream = torch.nn.functional.pad(stream.reshape(-1), (0, -stream.numel() % 8))  # (numel * bits + pad,)
     weights = 1 << torch.arange(8, dtype=torch.int32, device=c.device)
     return (stream.reshape(-1, 8) * weights).sum(-1).to(torch.uint8)  # (n_bytes,)
 
@@ -154,4 +154,4 @@ def unpack(packed, bits, shape):
         stream = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1  # (n_bytes, 8)
         stream = stream.reshape(-1)[: numel * bits].reshape(numel, bits)  # (numel, bits)
         c = (stream << torch.arange(bits, dtype=torch.int32, device=p.device)).sum(-1)  # (numel,)
-    return c.reshape(-1)[:numel].to(torch.uint8).reshape(shape)
+    return c.reshape(-1)[:numel].to(torch.uint8).reshape(shape)  # (numel,) -> shape

@@ -6,8 +6,8 @@
 #   bash results.sh list            # the step names
 #   OUT=out/demo ITEMS=0 bash results.sh calib-bw-w2 ...    # what demo.sh runs
 #
-# Calibration uses calibrate.py --quick (32 windows x 256 tokens, 2 epochs; the paper: 128 x 2048,
-# 20 epochs). Perplexity is on the first LIMIT windows of 2048 tokens of WikiText-2 test and of C4,
+# Calibration uses calibrate.py --quick (RECIPE=--long for the long one; `calibrate.py --help` shows
+# what each sets; the paper: 128 x 2048 tokens, 20 epochs). Perplexity is on the first LIMIT windows of 2048 tokens of WikiText-2 test and of C4,
 # zero-shot accuracy on the first ITEMS items of each task. Each step's exact command is echoed;
 # the timings are in each JSON ("seconds", "calibration_seconds" in the model's apiq.json).
 set -euo pipefail
@@ -27,7 +27,7 @@ EVAL=(--limit "$LIMIT" --threads "$THREADS")   # + --errors where quantized
 
 calib() {  # calib <name> <calibrate.py args...>: every quantized model, ApiQ or a data-free init
   local name=$1; shift
-  [ -f "$OUT/$name/apiq.json" ] || say python calibrate.py --quick --threads "$THREADS" --out "$OUT/$name" "$@"
+  [ -f "$OUT/$name/apiq.json" ] || say python calibrate.py "${RECIPE:---quick}" --threads "$THREADS" --out "$OUT/$name" "$@"
 }
 evaluate() {  # evaluate <name> <evaluate.py args...>
   local name=$1; shift

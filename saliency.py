@@ -84,8 +84,8 @@ def compute_saliency(model, windows, device, alpha_dtype=torch.float32, alpha_de
             alphas.append(block)
         losses = []
         bar = tqdm(range(len(windows)), desc="saliency", unit="seq", mininterval=1.0)
-        for s in bar:
-            tokens = windows[s:s + 1].to(device)                              # (1, T)
+        for seq in bar:
+            tokens = windows[seq:seq + 1].to(device)                              # (1, T)
             logits = model(tokens)                                             # (1, T, vocab) fp32
             loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:])             # L_s: predict token t+1 from <= t
             del logits

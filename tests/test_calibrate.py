@@ -125,3 +125,38 @@ def test_bad_input_one_line(tiny_ckpt, tmp_path, extra, words):
         cmd += extra[i:i + 2]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_svd_start_and_learned_rounding():
+    """--lora-init svd starts each linear at Q + s B A closer to W than Q; --learn-rounding keeps
+    its offsets in [-0.5, 0.5] and the frozen codes give exactly the output that training saw."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128))
+    model.requires_grad_(False)
+    fp = model.layers[0]
+    a = args(lora_init="svd", learn_rounding=True, lr_round=0.05, epochs=10)
+    for name, m in calibrate.quant_linears(calibrate.quant_block(fp, a, seed=0)):
+        w = fp.get_submodule(name).weight
+        assert (w - m.effective_weight()).norm() < 0.9 * (w - m.qweight()).norm(), name
+    X = torch.randn(4, 16, 64)
+    freqs = model.freqs_cis(16, "cpu")
+    Y = calibrate.run_block(fp, X, freqs, "cpu", nullcontext(), X.dtype)
+    seen = {}
+    orig = calibrate.train
+
+    def spy(linears, objective, *rest):
+        linears = list(linears)
+        ok = orig(linears, objective, *rest)
+        seen["offsets"] = [p.detach().clone() for m in linears for p in m.round_parameters()]
+        seen["q"] = [m.qweight().detach().clone() for m in linears]     # Q(W) with the trained offsets
+        return ok
+    calibrate.train = spy
+    try:
+        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, None, freqs, a, "cpu", nullcontext())
+    finally:
+        calibrate.train = orig
+    offsets = torch.cat([v.flatten() for v in seen["offsets"]])
+    assert offsets.abs().max() <= 0.5 and (offsets != 0).float().mean() > 0.5   # they moved, within range
+    for (_, m), q in zip(calibrate.quant_linears(qb), seen["q"]):
+        assert torch.equal(m.qweight(), q)              # the stored 2-bit codes are what training used
+    assert block_error(qb, X, Y, freqs) < block_error(calibrate.quant_block(fp, a, seed=0), X, Y, freqs)
