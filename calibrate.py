@@ -434,10 +434,12 @@ def output_dir(cfg) -> Path:
 
 def info(cfg, **extra) -> dict:
     """What apiq.json records of how the model was made: only the settings this method uses."""
-    unused = {"rtn": ("rank", "lora_alpha"), "qlora": (), "loftq": ()}.get(cfg.method, ("loftq_iters",))
+    unused = {"rtn": ("rank", "lora_alpha", "loftq_iters"), "qlora": ("loftq_iters",), "loftq": ()}.get(
+        cfg.method, ("loftq_iters",))
     data = ("nsamples", "seqlen", "epochs", "batch_size", "seed", "lr_clip", "lr_lora", "wd", "aug_loss", "dataset",
-            "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty")
-    skip = set(unused) | (set(data) if cfg.method in INITS else set())
+            "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty", "lr_schedule",
+            "learn_rounding", "lr_round", "lora_init", "stop_after", "data_dir")
+    skip = set(unused) | (set(data) | {"quick", "long"} if cfg.method in INITS else set())
     made_by = {k: v for k, v in asdict(cfg).items() if k not in skip}
     method = f"apiq-{cfg.method}" if cfg.method in ("bw", "lw") else cfg.method
     return {"method": method, "source": cfg.ckpt, "made_by": made_by, **extra}
