@@ -41,7 +41,7 @@ from tqdm import tqdm
 from cli import DTYPES, arg, check_writable, peak_memory_gib, reset_peak_memory, result_settings, write_json
 from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears, use_qweights, weight_errors
-from qmodel import INITS, check_linears, linear_tensors, load, require_fp, round_kept_params, save_quantized
+from qmodel import INITS, check_linears, linear_part, linear_tensors, load, require_fp, round_kept_params, save_quantized
 
 METHODS = ("bw", "lw") + INITS
 ON_GPU = torch.cuda.is_available()
@@ -220,13 +220,14 @@ def svd_start(m):
     m.A.copy_(root.unsqueeze(1) * vh[:m.rank])                                    # (r, in)
 
 
-def calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, cfg, device, ctx, penalty=None):
-    """Train block l; returns (the quantized block, frozen, on the device; retries needed)."""
+def calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, cfg, device, ctx, penalty=None, start=None):
+    """Train block l; returns (the quantized block, frozen, on the device; retries needed).
+    start: quant_block(fp_block, cfg, cfg.seed + l) on the device, if the caller already made it."""
     def dev(t, idx):
         return None if t is None else t[idx].to(device)
 
     for attempt, lr_scale in enumerate((1.0, 0.5)):
-        qb = quant_block(fp_block, cfg, cfg.seed + l).to(device)
+        qb = start if attempt == 0 and start is not None else quant_block(fp_block, cfg, cfg.seed + l).to(device)
         linears = dict(quant_linears(qb))
         desc = f"block {l} {cfg.method}"
         if cfg.method == "bw":
@@ -304,13 +305,10 @@ def load_block(out: Path, l: int, fp_block, cfg, device):
     from safetensors.torch import load_file
     t = load_file(str(out / "blocks" / f"block_{l:03d}.safetensors"), device=str(device))
     qb = copy.deepcopy(fp_block, memo={id(p): p for p in fp_block.parameters()})
-    swap_linears(qb, lambda lin: None)
     for name in LINEARS:
         lin = fp_block.get_submodule(name)
-        m = QuantLinear(lin.weight, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha, clip=False,
-                        A=t[f"{name}.A"], B=t[f"{name}.B"], bias=lin.bias, scale=t[f"{name}.scale"],
-                        zero=t[f"{name}.zero"].float())
-        m.codes = t[f"{name}.qweight"]
+        m = QuantLinear.from_export(linear_part(t, name), cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha,
+                                    tuple(lin.weight.shape), weight=lin.weight, device=device)
         m.cache_qweight()
         parent, _, child = name.rpartition(".")
         setattr(qb.get_submodule(parent), child, m)
@@ -395,8 +393,9 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
             Xq_next = run_block(qb, Xq, freqs, device, ctx, X.dtype)
         else:
             Y2 = (Y if Xq is X else run_block(fp_block, Xq, freqs, device, ctx, X.dtype)) if cfg.aug_loss else None
-            mse_before = block_mse(quant_block(fp_block, cfg, cfg.seed + l).to(device), Xq, Y, freqs, device, ctx)
-            qb, retries = calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, cfg, device, ctx, penalty)  # 3. train
+            start = quant_block(fp_block, cfg, cfg.seed + l).to(device)
+            mse_before = block_mse(start, Xq, Y, freqs, device, ctx)
+            qb, retries = calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, cfg, device, ctx, penalty, start)  # 3. train
             Xq_next = run_block(qb, Xq, freqs, device, ctx, X.dtype)
             logs.append(block_log(l, qb, fp_block, Xq_next, Y, mse_before, retries, t0, device,
                                   dict(quant_linears(qb)), penalty))

@@ -88,6 +88,16 @@ class QuantLinear(nn.Module):
         """ApiQ's starting point: W as it is, clipping logits 4.0, the standard LoRA init."""
         return cls(linear.weight, bits, group_size, rank, lora_alpha, bias=linear.bias, learn_rounding=learn_rounding)
 
+    @classmethod
+    def from_export(cls, t, bits, group_size, rank, lora_alpha, shape, weight=None, device="cpu"):
+        """The inverse of export(): a quantized QuantLinear from its saved tensors `t` (keys
+        qweight (packed codes), scale, zero, A, B, optionally bias)."""
+        m = cls(weight, bits, group_size, rank, lora_alpha, clip=False, A=t["A"].to(device), B=t["B"].to(device),
+                bias=t["bias"].to(device) if "bias" in t else None, scale=t["scale"].to(device),
+                zero=t["zero"].to(device), shape=shape)
+        m.codes = t["qweight"].to(device)               # packed already
+        return m
+
     @property
     def quantized(self) -> bool:
         return self.codes is not None

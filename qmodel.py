@@ -96,6 +96,11 @@ def linear_tensors(name, m) -> dict:
     return {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in ex.items()}
 
 
+def linear_part(tensors, name) -> dict:
+    """The inverse of linear_tensors: {part: tensor} of linear `name` among saved tensors."""
+    return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+
+
 def save_tokenizer(tok, out: Path):
     from tokenizer import GGUFTokenizer, Llama3Tokenizer, SentencePieceTokenizer
     if isinstance(tok, GGUFTokenizer):
@@ -170,12 +175,8 @@ def load_quantized(path, device="cpu", dtype=torch.float32, cache=True):
             mod = None
         if mod is None or (mod.out_features, mod.in_features) != (out_f, in_f) or f"{name}.qweight" not in t:
             raise ValueError(f"{path}: {name} does not fit this model; the directory was made for another model")
-        q = QuantLinear(None, spec["bits"], spec["group_size"], spec["rank"], spec.get("lora_alpha", spec.get("alpha")),
-                        clip=False,
-                        A=t[f"{name}.A"].to(device), B=t[f"{name}.B"].to(device),
-                        bias=t[f"{name}.bias"].to(device) if f"{name}.bias" in t else None,
-                        scale=t[f"{name}.scale"].to(device), zero=t[f"{name}.zero"].to(device), shape=(out_f, in_f))
-        q.codes = t[f"{name}.qweight"].to(device)        # packed already
+        q = QuantLinear.from_export(linear_part(t, name), spec["bits"], spec["group_size"], spec["rank"],
+                                    spec.get("lora_alpha", spec.get("alpha")), (out_f, in_f), device=device)
         if cache:
             q.cache_qweight()
         parent, _, child = name.rpartition(".")
