@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import DTYPES, arg, check_writable, peak_memory_gib, reset_peak_memory, result_settings, write_json
+from cli import DTYPES, arg, as_flags, check_writable, peak_memory_gib, reset_peak_memory, result_settings, write_json
 from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears, use_qweights, weight_errors
 from qmodel import INITS, check_linears, linear_part, linear_tensors, load, require_fp, round_kept_params, save_quantized
@@ -53,11 +53,6 @@ ON_GPU = torch.cuda.is_available()
 FAST = dict(lora_init="svd", learn_rounding=True, lr_schedule="cosine", lr_lora=2e-3, lr_clip=1e-2)
 QUICK = dict(nsamples=32, seqlen=256, epochs=2, aug_loss=False, **FAST)
 LONG = dict(nsamples=64, seqlen=512, epochs=4, **FAST)
-
-
-def as_flags(preset) -> str:
-    return " ".join(f"--{k.replace('_', '-')}" if v is True else f"--no-{k.replace('_', '-')}" if v is False
-                    else f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
 
 
 

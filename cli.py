@@ -118,6 +118,12 @@ def _type(x):
     return x.__class__
 
 
+def as_flags(preset: dict) -> str:
+    """A preset's settings as the flags that give them, for a help text."""
+    return " ".join(f"--{k.replace('_', '-')}" if v is True else f"--no-{k.replace('_', '-')}" if v is False
+                    else f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
+
+
 def add_config_args(p: argparse.ArgumentParser, cls, shown_defaults=None):
     """One --flag per field of dataclass `cls`, with its default in the help. A flag that is not
     given is absent from the parsed namespace (argparse.SUPPRESS), so presets can fill it."""

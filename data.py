@@ -119,6 +119,35 @@ def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", d
     return torch.stack([ids[i:i + seqlen] for i in starts])                   # (nsamples, seqlen)
 
 
+def train_windows(tok, seqlen, source="wikitext2", data_dir=None) -> torch.Tensor:
+    """Finetuning text packed into non-overlapping windows (n, seqlen), the tail dropped (as
+    Hugging Face's run_clm groups texts). source: wikitext2 = the train split as one stream
+    (token_stream); c4 = the C4 documents, each with BOS, end to end (locally the validation
+    sample: never use it for C4 perplexity after training on it); or a path: a .txt file whole,
+    a .jsonl file's "text" field of each line, end to end."""
+    if source == "wikitext2":
+        ids = token_stream(tok, "train", data_dir)
+    else:
+        if source == "c4":
+            docs = c4_docs(data_dir)
+        else:
+            f = Path(source)
+            if not f.is_file():
+                raise FileNotFoundError(f"training text {source!r}: not wikitext2, c4 or a .txt / .jsonl file")
+            text = f.read_text(encoding="utf-8")
+            try:
+                docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()] \
+                    if f.suffix == ".jsonl" else [text]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{f}: each line must be a JSON object with a \"text\" field ({e})") from None
+        ids = torch.tensor([t for d in docs for t in tok.encode(d, bos=True)], dtype=torch.long)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"the training text {source!r} has {ids.numel()} tokens, fewer than one window of "
+                         f"--seqlen {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)                                  # (n, seqlen)
+
+
 if __name__ == "__main__":
     import argparse
 

@@ -186,6 +186,30 @@ def use_qweights(linears, qs):
             m.q_cache = None
 
 
+class LoraLinear(nn.Module):
+    """y = x W^T + s (x A^T) B^T on a frozen full-precision W: plain LoRA (Hu et al. 2021), the
+    reference that finetuning from a quantized start is measured against (finetune.py --fp-lora)."""
+
+    def __init__(self, linear, rank=64, lora_alpha=16.0):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.rank, self.lora_alpha, self.scaling = rank, lora_alpha, lora_alpha / rank
+        self.register_buffer("weight", linear.weight.detach())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        A, B = lora_init(self.out_features, self.in_features, rank, device=linear.weight.device)
+        self.A, self.B = nn.Parameter(A), nn.Parameter(B)
+
+    def forward(self, x):
+        lora = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))  # (x A^T) B^T
+        return F.linear(x, self.weight.to(x.dtype), self.bias) + self.scaling * lora
+
+
+def adapters(model) -> dict:
+    """{name: module} of every LoRA-carrying linear (QuantLinear or LoraLinear) with rank > 0."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (QuantLinear, LoraLinear)) and m.rank > 0}
+
+
 # ---- the initialisations compared in ApiQ section 3 ----
 
 class LoraInit(NamedTuple):

@@ -5,6 +5,7 @@
 #   bash results.sh calib-bw-w2 eval-apiq-bw-w2    # only these steps (e.g. two shells in parallel)
 #   bash results.sh list            # the step names
 #   OUT=out/demo ITEMS=0 bash results.sh calib-bw-w2 ...    # what demo.sh runs
+#   FT_LOSS=kd bash results.sh ft-apiq-bw-w2                # finetune.py --loss kd from OUT/apiq-bw-w2
 #
 # Calibration uses calibrate.py --quick (RECIPE=--long for the long one; `calibrate.py --help` shows
 # what each sets; the paper: 128 x 2048 tokens, 20 epochs). Perplexity is on the first LIMIT windows of 2048 tokens of WikiText-2 test and of C4,
@@ -19,6 +20,8 @@ LIMIT=${LIMIT:-10}           # perplexity windows per dataset (full WikiText-2 t
 ITEMS=${ITEMS:-50}           # zero-shot items per task (0: none)
 THREADS=${THREADS:-1}        # torch threads per process (1 lets two steps share 2 cores)
 SAL_LAMBDA=${SAL_LAMBDA:-1}  # the paper's lambda (multiplier 1)
+FT_LOSS=${FT_LOSS:-ce}       # finetune.py --loss: ce (paper) or kd (ft-* steps write NAME-ft-kd)
+FT_TAG=$([ "$FT_LOSS" = kd ] && echo -kd || true)
 mkdir -p "$OUT"
 
 say() { echo "+ $*" >&2; "$@"; }
@@ -40,7 +43,8 @@ for b in 2 3 4; do STEPS+=(calib-rtn-w$b calib-qlora-w$b calib-loftq-w$b); done
 STEPS+=(eval-fp)
 for b in 2 3 4; do STEPS+=(eval-rtn-w$b eval-qlora-w$b eval-loftq-w$b); done
 for b in 2 3; do STEPS+=(eval-apiq-bw-w$b eval-apiq-lw-w$b eval-apiq-bw-sal-after-w$b eval-apiq-bw-sal-before-w$b); done
-STEPS+=(figures table)
+for b in 2 3; do for m in qlora loftq apiq-lw apiq-bw apiq-bw-sal-after; do STEPS+=(ft-$m-w$b); done; done
+STEPS+=(ft-fp figures figures-ft table)
 
 step() {
   case $1 in
@@ -58,6 +62,13 @@ step() {
     eval-qlora-w[0-9]) evaluate "qlora-w${1##*-w}" --ckpt "$OUT/qlora-w${1##*-w}" --ppl '' --errors --threads "$THREADS" ;;
     eval-rtn-w[0-9]|eval-loftq-w[0-9]|eval-apiq-*) local name=${1#eval-}
       evaluate "$name" --ckpt "$OUT/$name" --errors "${EVAL[@]}" ;;
+    # finetuning (finetune.py --quick, the same recipe for every start; FT_LOSS=kd distils full precision)
+    ft-fp) [ -f "$OUT/fp-lora-ft$FT_TAG/finetune_log.json" ] || say python finetune.py --ckpt smollm2-135m --fp-lora \
+        --quick --loss "$FT_LOSS" --threads "$THREADS" --out "$OUT/fp-lora-ft$FT_TAG" ;;
+    ft-*) local name=${1#ft-}
+      [ -f "$OUT/$name-ft$FT_TAG/finetune_log.json" ] || say python finetune.py --ckpt "$OUT/$name" --quick \
+        --eval-before --loss "$FT_LOSS" --threads "$THREADS" --out "$OUT/$name-ft$FT_TAG" ;;
+    figures-ft) say python plots/finetune.py "$OUT" ;;
     talk-*) local name=${1#talk-}   # the model's continuation beside full precision's
       say python evaluate.py --ckpt "$OUT/$name" --ppl '' --prompt "${PROMPT:-The capital of France is}" \
         --threads "$THREADS" ;;

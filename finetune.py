@@ -1,0 +1,310 @@
+"""LoRA finetuning from a quantized model's initialisation: the stage ApiQ's initialisation exists
+for (Liao et al., EMNLP 2024, arXiv 2402.05147, section 4: finetuning after QLoRA's, LoftQ's and
+ApiQ's starts with the same recipe; docs/method.md §8).
+
+    python finetune.py --ckpt out/smollm2-135m-apiq-bw-w2g64-quick --quick      # SmolLM2 on a CPU
+    python finetune.py --ckpt out/llama2-7b-apiq-bw-w2g64                       # the official WikiText-2 recipe
+    python finetune.py --ckpt out/smollm2-135m-apiq-bw-w2g64-quick --quick --loss kd   # distil full precision
+    python finetune.py --ckpt smollm2-135m --fp-lora --quick                    # the reference: LoRA on fp weights
+
+The quantized base stays frozen: each QuantLinear keeps its packed codes (Q(W), with the trained
+clipping and any learned rounding in them) and only its LoRA factors A, B train; embeddings,
+norms and head are frozen too. On windows x (B, T) of packed text the loss is
+
+    ce:  - mean_t log p_q(x_{t+1} | x_{<=t})                          next-token cross-entropy (the paper)
+    kd:  mean_t KL( p_fp(. | x_{<=t}) || p_q(. | x_{<=t}) )            beyond the paper: distil the full-
+                                                                       precision model's distribution
+
+AdamW on A and B (fp32, whatever --dtype), the learning rate along a cosine to 0 over all steps,
+one step per batch_size x grad_accum windows. Every --save-every steps the adapters, the
+optimizer state and the log go atomically to OUT/checkpoint.pt; the same command continues from
+there after a crash or Ctrl-C, bit-identical on CPU (an epoch's window order is a function of
+--seed and the epoch). At the end: a model directory in calibrate.py's format (evaluate.py reads
+it; --fp-lora: the adapters only, adapters.safetensors), WikiText-2 test perplexity (held out),
+and finetune_log.json (loss, lr and seconds per step, peak memory), written last.
+"""
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cli import (DTYPES, arg, as_flags, atomic_write, check_writable, peak_memory_gib, reset_peak_memory,
+                 result_settings, write_json)
+from data import ppl_windows, train_windows
+from llama import check_seqlen
+from lora import LoraLinear, adapters, is_quantized, swap_linears
+
+ON_GPU = torch.cuda.is_available()
+# CPU recipe (measured in bench/bench_finetune.py, README): the local WikiText-2 train text (68k
+# tokens) once in 256-token windows, 16 windows a step, a higher rate for the few steps
+QUICK = dict(seqlen=256, epochs=1, batch_size=4, grad_accum=4, lr=1e-3, eval_limit=10)
+
+
+@dataclass
+class Config:
+    """One run of finetune.py. The defaults are the official WikiText-2 recipe (docs/method.md §8)."""
+    ckpt: Optional[str] = arg(None, "quantized model directory written by calibrate.py (or, with --fp-lora, a "
+                              "full-precision checkpoint)", type=str)
+    data: str = arg("wikitext2", "training text: wikitext2 (train split), c4, or a .txt / .jsonl file")
+    seqlen: int = arg(1024, "tokens per training window (the text is packed end to end)")
+    epochs: int = arg(3, "passes over the training windows")
+    batch_size: int = arg(4, "windows per forward pass")
+    grad_accum: int = arg(16, "forward passes per optimizer step (a step sees batch_size x grad_accum windows)")
+    lr: float = arg(3e-4, "AdamW learning rate of A and B (cosine to 0)")
+    wd: float = arg(0.1, "AdamW weight decay")
+    loss: str = arg("ce", "ce: next-token cross-entropy (paper); kd: KL to the full-precision model's "
+                    "next-token distribution", choices=("ce", "kd"))
+    teacher: Optional[str] = arg(None, "full-precision model for --loss kd (default: the source in apiq.json)")
+    max_steps: Optional[int] = arg(None, "at most this many optimizer steps (the schedule spans them)", type=int)
+    fp_lora: bool = arg(False, "allow a full-precision --ckpt: plain LoRA on its weights (the reference)")
+    rank: int = arg(64, "LoRA rank of --fp-lora (a quantized model keeps its own)")
+    lora_alpha: float = arg(16.0, "LoRA alpha of --fp-lora")
+    seed: int = arg(0, "seed of the window order (and of --fp-lora's A)")
+    eval_limit: Optional[int] = arg(None, "held-out WikiText-2 test windows at the end (default: all)", type=int)
+    eval_seqlen: int = arg(2048, "tokens per held-out window")
+    eval_before: bool = arg(False, "also measure the held-out perplexity before training", result=False)
+    save_every: int = arg(20, "optimizer steps between checkpoints", result=False)
+    packed: bool = arg(False, "keep the codes packed and dequantize in every forward: less memory, slower steps "
+                       "(default: Q(W) cached, a step costs what a full-precision LoRA step costs)", result=False)
+    quick: bool = arg(False, f"the CPU recipe (SmolLM2: ~20 min on one core): {as_flags(QUICK)}", result=False)
+    out: Optional[str] = arg(None, "output directory (default <ckpt>-ft, -ft-kd with --loss kd)", result=False)
+    data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
+    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
+    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and activations (A, B and AdamW stay fp32)",
+                     choices=tuple(DTYPES))
+    threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
+
+
+def make_config(**given) -> Config:
+    """Config from the given settings, --quick's recipe filling what was not given."""
+    return Config(**(QUICK if given.get("quick") else {}) | given)
+
+
+# ---- the loss of one forward pass
+
+def lm_loss(model, x, teacher=None):
+    """Mean loss over the B x (T - 1) predicted positions of windows x (B, T): cross-entropy to
+    the next token, or (teacher given) KL(teacher || model) of the next-token distributions."""
+    logits = model(x[:, :-1])                                                   # (B, T-1, vocab), fp32
+    if teacher is None:
+        return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    with torch.no_grad():
+        target = F.log_softmax(teacher(x[:, :-1]), -1).flatten(0, 1)           # (B(T-1), vocab)
+    return F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target, log_target=True, reduction="batchmean")
+
+
+def lr_at(cfg, step, total) -> float:
+    """Cosine from cfg.lr at step 0 to 0 at step `total`."""
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def window_order(cfg, n, epoch) -> torch.Tensor:
+    """The windows of one epoch, shuffled by a generator seeded from (seed, epoch) alone: a resumed
+    run sees the same order as an uninterrupted one."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+
+
+def step_windows(cfg, n, step) -> torch.Tensor:
+    """Indices of the windows optimizer step `step` trains on (the last step of an epoch may be short)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    per_epoch = math.ceil(n / per_step)
+    epoch, i = divmod(step, per_epoch)
+    return window_order(cfg, n, epoch)[i * per_step:(i + 1) * per_step]
+
+
+# ---- the model, the checkpoint, the output
+
+def load_student(cfg):
+    """(model, tok, source info): the quantized model with only A, B trainable (cached Q(W): a
+    step costs what a full-precision LoRA step costs), or with --fp-lora the full-precision model
+    with plain LoRA on its block linears."""
+    from qmodel import load, read_quantized_config
+    dtype = DTYPES[cfg.dtype]
+    model, tok = load(cfg.ckpt, device=cfg.device, dtype=dtype, cache=not cfg.packed)
+    if is_quantized(model):
+        source = read_quantized_config(Path(cfg.ckpt))
+        if not adapters(model):
+            raise ValueError(f"{cfg.ckpt} has no LoRA adapter (rank 0, --method rtn): calibrate with --method qlora "
+                             f"for QLoRA's start")
+    elif not cfg.fp_lora:
+        raise ValueError(f"{cfg.ckpt} is full precision: calibrate it first (calibrate.py --method bw|lw|qlora|loftq "
+                         f"--ckpt {cfg.ckpt}) or pass --fp-lora for plain LoRA on the full-precision weights")
+    else:
+        torch.manual_seed(cfg.seed)
+        for block in model.layers:
+            swap_linears(block, lambda lin: LoraLinear(lin, cfg.rank, cfg.lora_alpha).to(cfg.device))
+        source = {"method": "fp", "source": cfg.ckpt}
+    model.requires_grad_(False)
+    for m in adapters(model).values():
+        m.A.requires_grad_(True)
+        m.B.requires_grad_(True)
+    return model.train(), tok, source
+
+
+def load_teacher(cfg, source):
+    from qmodel import load
+    name = cfg.teacher or source.get("source")
+    if not name:
+        raise ValueError(f"--loss kd: {cfg.ckpt} does not name its full-precision source; give --teacher")
+    teacher, _ = load(name, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    if is_quantized(teacher):
+        raise ValueError(f"--teacher {name} is quantized: the teacher is the full-precision model")
+    return teacher.eval().requires_grad_(False)
+
+
+def start_or_resume(out: Path, settings: dict, params: dict, opt) -> tuple[int, list, float]:
+    """(first step, log so far, seconds spent) of an earlier run of the same settings in OUT, its
+    adapters and optimizer state loaded; (0, [], 0) for a fresh start."""
+    if (out / "finetune_log.json").exists():
+        raise ValueError(f"{out} already holds a finished finetuning: choose another --out (nothing was overwritten)")
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.exists():
+        if (out / "apiq.json").exists():
+            raise ValueError(f"{out} holds a model that this finetuning did not make: choose another --out")
+        return 0, [], 0.0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    diff = [f"{k}: {state['settings'].get(k)!r} there, {v!r} now" for k, v in settings.items()
+            if state["settings"].get(k) != v]
+    if diff:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}): use the same settings to "
+                         f"continue it or another --out (nothing was overwritten)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["adapters"][name])
+    opt.load_state_dict(state["optimizer"])
+    print(f"resuming {out}: step {state['step']} done")
+    return state["step"], state["log"], state["seconds"]
+
+
+def save_checkpoint(out, step, settings, params, opt, log, seconds):
+    state = {"step": step, "settings": settings, "adapters": {k: p.detach().cpu() for k, p in params.items()},
+             "optimizer": opt.state_dict(), "log": log, "seconds": seconds}
+    atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+
+def save_model(cfg, model, tok, out, source, summary):
+    """The finetuned model in calibrate.py's format (A, B replaced), or --fp-lora's adapters."""
+    from safetensors.torch import save_file
+
+    from qmodel import save_quantized
+    if source["method"] == "fp":
+        tensors = {f"{n}.{k}": getattr(m, k).detach().cpu().contiguous() for n, m in adapters(model).items()
+                   for k in ("A", "B")}
+        atomic_write(out / "adapters.safetensors", lambda tmp: save_file(tensors, tmp))
+        return
+    made = {k: v for k, v in source.items() if k not in ("format", "model_args", "tied_embeddings", "linears")}
+    save_quantized(model, tok, out, {**made, "method": f"{source['method']}+ft-{cfg.loss}",
+                                     "finetuned": {"from": str(cfg.ckpt), **result_settings(cfg), **summary}})
+
+
+def held_out(model, tok, cfg) -> dict:
+    from evaluate import perplexity
+    seqlen = min(cfg.eval_seqlen, model.args.max_seq_len)
+    windows = ppl_windows("wikitext2", tok, seqlen, cfg.data_dir)[: cfg.eval_limit]   # (n, seqlen)
+    was_training = model.training
+    model.eval()
+    ppl = perplexity(model, windows, desc="held-out wikitext2")
+    model.train(was_training)
+    return {"wikitext2": ppl, "windows": len(windows), "seqlen": seqlen}
+
+
+# ---- the loop
+
+def train(cfg, model, windows, teacher, out, settings):
+    """Optimizer steps from where OUT's checkpoint left off to the last; returns (log, seconds)."""
+    params = {f"{n}.{k}": getattr(m, k) for n, m in adapters(model).items() for k in ("A", "B")}
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.wd)
+    per_epoch = math.ceil(len(windows) / (cfg.batch_size * cfg.grad_accum))
+    total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+    start, log, spent = start_or_resume(out, settings, params, opt)
+    bar = tqdm(total=total, initial=start, desc="finetune", unit="step")
+    t0 = time.time() - spent
+    for step in range(start, total):
+        t_step = time.time()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, total)
+        idx = step_windows(cfg, len(windows), step)
+        loss_sum = 0.0
+        for mb in idx.split(cfg.batch_size):
+            x = windows[mb].to(cfg.device)                                  # (b, seqlen)
+            loss = lm_loss(model, x, teacher)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: non-finite loss ({loss.item()}); lower --lr (now {cfg.lr}) "
+                                         f"or check the model {cfg.ckpt}")
+            (loss * (len(mb) / len(idx))).backward()                        # the step's mean over its windows
+            loss_sum += loss.item() * len(mb)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seconds = time.time() - t_step
+        tokens = len(idx) * (windows.shape[1] - 1)
+        log.append({"step": step + 1, "loss": loss_sum / len(idx), "lr": opt.param_groups[0]["lr"],
+                    "seconds": round(seconds, 3), "tokens": tokens})
+        bar.update(1)
+        bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+            save_checkpoint(out, step + 1, settings, params, opt, log, time.time() - t0)
+    bar.close()
+    return log, time.time() - t0
+
+
+def output_dir(cfg) -> Path:
+    tail = "-ft" + ("-kd" if cfg.loss == "kd" else "") + ("-quick" if cfg.quick else "")
+    return Path(cfg.out or f"{str(cfg.ckpt).rstrip('/')}{tail}")
+
+
+def check_config(cfg):
+    if not cfg.ckpt:
+        raise ValueError("--ckpt: give the quantized model directory to finetune (calibrate.py writes one)")
+    positive = ("seqlen", "epochs", "batch_size", "grad_accum", "save_every", "eval_seqlen", "rank")
+    if bad := [f"--{k.replace('_', '-')}" for k in positive if getattr(cfg, k) <= 0]:
+        raise ValueError(f"{', '.join(bad)} must be positive")
+    if any(n is not None and n <= 0 for n in (cfg.max_steps, cfg.eval_limit)) or cfg.lr <= 0 or cfg.wd < 0:
+        raise ValueError("--max-steps, --eval-limit and --lr must be positive, --wd >= 0")
+    if output_dir(cfg).resolve() == Path(cfg.ckpt).resolve():
+        raise ValueError("--out is the model being finetuned: choose another directory")
+
+
+def main(cfg: Config):
+    check_config(cfg)
+    out = output_dir(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    check_writable(out)
+    print("config:", json.dumps(asdict(cfg)))
+    model, tok, source = load_student(cfg)
+    check_seqlen(model.args, cfg.seqlen)
+    windows = train_windows(tok, cfg.seqlen, cfg.data, cfg.data_dir)               # (n, seqlen)
+    teacher = load_teacher(cfg, source) if cfg.loss == "kd" else None
+    settings = result_settings(cfg)
+    n_params = sum(m.A.numel() + m.B.numel() for m in adapters(model).values())
+    print(f"{source['method']} model {cfg.ckpt}: {len(adapters(model))} adapters, {n_params / 1e6:.2f}M trainable; "
+          f"{len(windows)} windows x {cfg.seqlen} tokens of {cfg.data}")
+    before = held_out(model, tok, cfg) if cfg.eval_before else None
+    if before:
+        print(f"before: held-out WikiText-2 perplexity {before['wikitext2']:.3f} ({before['windows']} windows)")
+    reset_peak_memory(cfg.device)
+    log, seconds = train(cfg, model, windows, teacher, out, settings)
+    peak = peak_memory_gib(cfg.device)
+    after = held_out(model, tok, cfg)
+    print(f"after {len(log)} steps ({seconds / 60:.1f} min): held-out WikiText-2 perplexity {after['wikitext2']:.3f} "
+          f"({after['windows']} windows of {after['seqlen']})")
+    summary = {"steps": len(log), "seconds": round(seconds, 1), "eval": after}
+    save_model(cfg, model, tok, out, source, summary)
+    write_json(out / "finetune_log.json", {"config": asdict(cfg), "init": source["method"], "trainable": n_params,
+                                           "windows": len(windows), "eval_before": before, **summary,
+                                           "peak_gib": round(peak, 3), "log": log})
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    print(f"wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    from cli import parse_config, run
+    run(lambda: main(parse_config(Config, __doc__.split("\n")[0], sys.argv[1:], build=make_config)))
