@@ -17,6 +17,9 @@ of it divided by the option's length in characters.
 
     python evaluate.py --ppl '' --tasks all --json out/fp_zs.json
 
+Generation (--prompt): the prompt in one pass, then a token a pass with a KV cache (llama.KVCache),
+greedy by default, --temperature / --top-p to sample, streamed to the terminal, stopping at EOS.
+
 Errors against full precision (--errors; the data of the ApiQ paper's figs. 3 and 4, drawn by
 plots/): the activation error at every block's output and ||W - (Q + s B A)||_F of every linear.
 
@@ -69,19 +72,44 @@ def perplexity(model, windows: torch.Tensor, batch_size=1, desc="ppl") -> float:
     return math.exp(torch.cat(nlls).double().mean().item())
 
 
+def next_token(logits, temperature=0.0, top_p=1.0, generator=None) -> int:
+    """The next token from logits (vocab,): the argmax at temperature 0 (greedy), else a sample of
+    softmax(logits / temperature) restricted to the most probable tokens whose probabilities first
+    reach top_p in sum (nucleus sampling, Holtzman et al. 2020)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    p, order = torch.softmax(logits.float() / temperature, -1).sort(descending=True)    # (vocab,) each
+    p = p * (p.cumsum(0) - p < top_p)                  # keep a token while the mass before it is < top_p
+    return int(order[torch.multinomial(p / p.sum(), 1, generator=generator)])
+
+
 @torch.no_grad()
-def generate(model, tok, prompt: str, max_new_tokens=32) -> str:
-    """Greedy decoding, recomputing the prefix each step: short answers, no KV cache to keep."""
+def generate(model, tok, prompt: str, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0, stream=None) -> str:
+    """Continue `prompt`, stopping at EOS: the prompt in one forward pass, then one token a pass,
+    the keys and values of earlier positions kept in a llama.KVCache. temperature 0 is greedy (the
+    default); otherwise sampling (next_token) from a generator seeded with `seed`. stream(text) is
+    called with each new piece of decoded text as it comes (e.g. to print it)."""
+    from llama import KVCache
     device = next(model.parameters()).device
     ids = tok.encode(prompt, bos=True)
-    start = len(ids)
+    if not ids or len(ids) + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"a prompt of {len(ids)} tokens plus {max_new_tokens} new ones: need 1..{model.args.max_seq_len} "
+                         f"in all (the model's context)")
+    cache = KVCache(model.args, 1, len(ids) + max_new_tokens, device, model.tok_embeddings.weight.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    x, new, shown = torch.tensor([ids], device=device), [], ""
     for _ in range(max_new_tokens):
-        x = torch.tensor([ids[-model.args.max_seq_len:]], device=device)
-        nxt = int(model.output(model.hidden(x)[:, -1]).argmax(-1))
+        logits = model.output(model.hidden(x, cache)[0, -1])                   # (vocab,)
+        nxt = next_token(logits.cpu(), temperature, top_p, gen)
         if nxt == tok.eos_id:
             break
-        ids.append(nxt)
-    return tok.decode(ids[start:])
+        new.append(nxt)
+        x = torch.tensor([[nxt]], device=device)                              # (1, 1): only the new position
+        text = tok.decode(new)
+        if stream and not text.endswith("\ufffd"):                          # not inside a UTF-8 character
+            stream(text[len(shown):])
+            shown = text
+    return tok.decode(new)
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -195,9 +223,14 @@ class Config:
     ref: Optional[str] = arg(None, "full-precision checkpoint for --errors and --prompt (default: the model's source)")
     error_windows: int = arg(1, "WikiText-2 test windows for the activation error")
     batch_size: int = arg(1, "windows, or scored options, per forward pass")
-    prompt: Optional[str] = arg(None, "greedily continue this text (beside the full-precision continuation)")
+    prompt: Optional[str] = arg(None, "continue this text, streamed (beside the full-precision continuation)")
     max_new_tokens: int = arg(32, "length of the generated continuation")
+    temperature: float = arg(0.0, "sampling temperature of --prompt (0: greedy)")
+    top_p: float = arg(1.0, "nucleus sampling: sample among the most probable tokens of this total probability")
+    seed: int = arg(0, "seed of the sampling")
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)")
+    packed: bool = arg(False, "keep a quantized model's codes packed in memory and dequantize each linear in its "
+                       "forward (2-bit: ~2.6 bits a weight instead of 32; a little slower)")
     device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda")
     dtype: str = arg("fp32", "weight and activation dtype", choices=tuple(DTYPES))
     threads: Optional[int] = arg(None, "torch CPU threads (default: torch's choice)", type=int)
@@ -253,21 +286,23 @@ def print_tables(results, seqlen):
 
 
 def generations(model, tok, cfg) -> dict:
-    """The model's continuation of --prompt and, for a quantized model, its source's beside it."""
+    """The model's continuation of --prompt, streamed to the terminal, and, for a quantized model,
+    its source's beside it."""
     from lora import is_quantized
     from qmodel import load
-    out = {"prompt": cfg.prompt, "answer": generate(model, tok, cfg.prompt, cfg.max_new_tokens)}
-    label = "this model"
+    label = "quantized" if is_quantized(model) else "this model"
+    opts = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    print(f"\nprompt: {cfg.prompt!r}\n{label + ':':15} ", end="", flush=True)
+    out = {"prompt": cfg.prompt, "answer": generate(model, tok, cfg.prompt, **opts,
+                                                    stream=lambda t: print(t, end="", flush=True))}
+    print()
     if is_quantized(model):
-        label = "quantized"
         try:
             ref, ref_tok = load(cfg.ref or reference_ckpt(cfg), device=cfg.device, dtype=DTYPES[cfg.dtype])
-            out["reference_answer"] = generate(ref, ref_tok, cfg.prompt, cfg.max_new_tokens)
+            out["reference_answer"] = generate(ref, ref_tok, cfg.prompt, **opts)
+            print(f"{'full precision:':15} {out['reference_answer']}")
         except (ValueError, FileNotFoundError) as e:
             print(f"(no full-precision continuation: {e})")
-    print(f"\nprompt: {cfg.prompt!r}\n{label + ':':15} {out['answer']!r}")
-    if "reference_answer" in out:
-        print(f"{'full precision:':15} {out['reference_answer']!r}")
     return out
 
 
@@ -279,12 +314,14 @@ def main(cfg: Config):
     tasks = list(TASKS) if "all" in tasks else tasks
     if cfg.seqlen <= 0 or any(n is not None and n <= 0 for n in (cfg.limit, cfg.task_limit)) or cfg.error_windows <= 0:
         raise ValueError("--seqlen, --limit, --task-limit and --error-windows must be positive")
+    if cfg.max_new_tokens <= 0 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError("--max-new-tokens must be positive, --temperature >= 0, --top-p in (0, 1]")
     items = {name: load_task(name, cfg.data_dir)[: cfg.task_limit or cfg.limit] for name in tasks}  # fail early
     ref_ckpt = reference_ckpt(cfg) if cfg.errors else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print("config:", json.dumps(asdict(cfg)))
-    model, tok = load(cfg.ckpt, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    model, tok = load(cfg.ckpt, device=cfg.device, dtype=DTYPES[cfg.dtype], cache=not cfg.packed)
     check_seqlen(model.args, cfg.seqlen)
     results = {"ppl": {}, "config": asdict(cfg), "seconds": {}}
     if cfg.errors:

@@ -115,19 +115,28 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, freqs_cis):
+    def forward(self, x, freqs_cis, kv=None):
+        """x (B, T, dim) at positions pos..pos+T-1; kv = (k_cache, v_cache, pos) of this block
+        (KVCache) when generating, else None (pos 0, nothing kept)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         q, k = apply_rotary_emb(q, k, freqs_cis)
+        pos, mask = 0, None
+        if kv is not None:                  # the keys and values of earlier positions come from the cache
+            k_cache, v_cache, pos = kv
+            k_cache[:B, pos:pos + T], v_cache[:B, pos:pos + T] = k, v
+            k, v = k_cache[:B, :pos + T], v_cache[:B, :pos + T]       # (B, pos + T, Hkv, hd)
+            if pos and T > 1:               # new position i sees cached ones and new ones up to itself
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
         # grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads
         rep = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(rep, dim=2)                          # (B, T, H, hd)
-        v = v.repeat_interleave(rep, dim=2)                          # (B, T, H, hd)
-        # (B, T, H, hd) -> (B, H, T, hd) each
+        k = k.repeat_interleave(rep, dim=2)                          # (B, pos + T, H, hd)
+        v = v.repeat_interleave(rep, dim=2)                          # (B, pos + T, H, hd)
+        # (B, T, H, hd) -> (B, H, T, hd) each; one new position after a prefix needs no mask
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)         # (B, H, T, hd)
+                                             attn_mask=mask, is_causal=pos == 0 and T > 1)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))        # (B, T, dim)
 
 
@@ -150,8 +159,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis):
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
+    def forward(self, x, freqs_cis, kv=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, kv)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -173,16 +182,33 @@ class Transformer(nn.Module):
                                                self.args.use_scaled_rope).to(device)
         return self._freqs[:T]
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim): the logits are `self.output` of these."""
+    def hidden(self, tokens: torch.Tensor, cache: "KVCache" = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim): the logits are `self.output` of these. With a
+        KVCache, tokens are the positions after the cache's `pos`, and the cache keeps them."""
         h = self.tok_embeddings(tokens)                               # (B, T, dim)
-        freqs_cis = self.freqs_cis(tokens.shape[1], h.device)
-        for layer in self.layers:
-            h = layer(h, freqs_cis)
+        start, T = (0 if cache is None else cache.pos), tokens.shape[1]
+        freqs_cis = self.freqs_cis(start + T, h.device)[start:]       # (T, hd/2) complex
+        for l, layer in enumerate(self.layers):
+            h = layer(h, freqs_cis, None if cache is None else (cache.k[l], cache.v[l], start))
+        if cache is not None:
+            cache.pos += T
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.output(self.hidden(tokens)).float()               # (B, T, vocab)
+    def forward(self, tokens: torch.Tensor, cache: "KVCache" = None) -> torch.Tensor:
+        return self.output(self.hidden(tokens, cache)).float()        # (B, T, vocab)
+
+
+class KVCache:
+    """Every block's keys and values of the positions seen so far, for generation: preallocated
+    (n_layers, batch, max_len, Hkv, hd) as in Meta's llama3 model.py; `pos` positions are filled."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device="cpu", dtype=torch.float32):
+        if max_len > args.max_seq_len:
+            raise ValueError(f"{max_len} positions: more than the model's context of {args.max_seq_len}")
+        shape = (args.n_layers, batch, max_len, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
 
 
 # ----------------------------------------------------------------------------- weights
@@ -232,6 +258,13 @@ def hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = w.shape
     # (rows, cols) -> (heads, 2, hd/2, cols) -> (heads, hd/2, 2, cols) -> (rows, cols)
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's q/k rows (RoPE on adjacent pairs) -> transformers' (RoPE on halves): the inverse of
+    hf_unpermute. w: (n_heads * head_dim, cols)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def meta_state_dict(path: Path):

@@ -38,6 +38,7 @@ def test_saved_model_gives_identical_logits(saved):
     # a loaded model knows Q(W) (codes, scale, zero), not W
     assert all(m.weight is None and m.quantized for _, m in quant_linears(loaded))
     packed, _ = load(str(out), cache=False)            # dequantizing in every forward: the same logits
+    assert all(m.q_cache is None and m.codes.dtype == torch.uint8 for _, m in quant_linears(packed))
     with torch.no_grad():
         assert torch.equal(packed(x), q(x))
 
