@@ -120,13 +120,6 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- transformers <-> ours
 
-def hf_permute(w, n_heads):
-    """Our q/k rows (Meta: RoPE on adjacent pairs) -> transformers' (RoPE on halves): the inverse
-    of llama.hf_unpermute. w: (n_heads * head_dim, dim)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def to_hf(model):
     """A transformers LlamaForCausalLM holding our model's weights (fp32), checked on its logits."""
     import torch
@@ -144,9 +137,9 @@ def to_hf(model):
     sd = {}
     for name, w in model.state_dict().items():
         if name.endswith("attention.wq.weight"):
-            w = hf_permute(w, a.n_heads)
+            w = llama.hf_permute(w, a.n_heads)
         elif name.endswith("attention.wk.weight"):
-            w = hf_permute(w, a.n_kv_heads)
+            w = llama.hf_permute(w, a.n_kv_heads)
         sd[llama.rename(name, to_hf_name)] = w.detach().float()
     hf = LlamaForCausalLM(cfg)                    # random init, then overwritten (~135M weights: seconds)
     hf.load_state_dict(sd)                        # the tied head: lm_head.weight is our output.weight
