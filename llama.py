@@ -267,12 +267,24 @@ def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def load_pth(f: Path) -> dict:
+    """A Meta consolidated.*.pth, memory-mapped; a corrupt or legacy-format (non-zip) file is
+    one clear error naming it."""
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        legacy = "zipfile" in str(e) or "mmap" in str(e)
+        raise ValueError(f"{f}: " + ("a legacy-format (non-zip) checkpoint: re-save it once with torch.save(torch.load("
+                                     "f), f) to load it memory-mapped" if legacy else
+                                     f"not a readable PyTorch checkpoint (truncated or corrupt: {str(e)[:80]})")) from None
+
+
 def meta_state_dict(path: Path):
     args = json.loads((path / "params.json").read_text())
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.*.pth shards")
-    sds = [torch.load(s, map_location="cpu", mmap=True, weights_only=True) for s in shards]
+    sds = [load_pth(s) for s in shards]
     if len(sds) == 1:
         sd = sds[0]
     else:  # model-parallel shards: row-parallel weights split on dim 1, the rest on dim 0
@@ -407,7 +419,49 @@ def resolve_ckpt(ckpt: str) -> Path:
         if (root / ckpt).exists():
             return root / ckpt
     looked = " and ".join(str(r / ckpt) for r in roots)
-    raise FileNotFoundError(f"checkpoint {ckpt!r} not found (looked for {looked}): {CHECKPOINT_HELP}")
+    if snapshot := hub_snapshot(HUB_NAMES.get(ckpt.lower(), ckpt)):
+        return snapshot
+    raise FileNotFoundError(f"checkpoint {ckpt!r} not found (looked for {looked} and the Hugging Face hub cache "
+                            f"{hub_cache()}): {CHECKPOINT_HELP}")
+
+
+# --ckpt names -> Hugging Face repositories, looked up in the local hub cache (nothing is downloaded)
+HUB_NAMES = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama2-13b": "meta-llama/Llama-2-13b-hf",
+             "llama2-70b": "meta-llama/Llama-2-70b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+             "llama3-70b": "meta-llama/Meta-Llama-3-70B", "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+             "llama3.1-70b": "meta-llama/Llama-3.1-70B"}
+
+
+def hub_cache() -> Path:
+    """The hub cache directory as huggingface_hub finds it: $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def hub_snapshot(repo: str) -> Optional[Path]:
+    """The cached snapshot of hub repository `repo` (owner/name): the one refs/main names, else the
+    newest; None if the repository is not cached. A snapshot missing a shard that its
+    model.safetensors.index.json lists is an error naming the shard."""
+    if "/" not in repo:
+        return None
+    d = hub_cache() / ("models--" + repo.replace("/", "--"))
+    if not d.is_dir():
+        return None
+    snaps = sorted((d / "snapshots").glob("*/"), key=lambda p: p.stat().st_mtime) if (d / "snapshots").is_dir() else []
+    ref = d / "refs" / "main"
+    main = d / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    snap = main if main is not None and main.is_dir() else (snaps[-1] if snaps else None)
+    if snap is None:
+        raise FileNotFoundError(f"{d}: the hub cache has {repo} but no snapshot: download it again "
+                                f"(huggingface-cli download {repo})")
+    index = snap / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted({f for f in json.loads(index.read_text())["weight_map"].values() if not (snap / f).exists()})
+        if missing:
+            raise FileNotFoundError(f"{snap}: shard {missing[0]} (of {len(missing)} missing) is not in the hub cache: "
+                                    f"download {repo} again")
+    return snap
 
 
 def find_tokenizer(path: Path):

@@ -201,3 +201,44 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path):
                            text=True, cwd=llama.Path(llama.__file__).parent)
         assert r.returncode == 2, r.stderr
         assert words in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_names_find_a_hugging_face_hub_cache_snapshot(tiny, tmp_path, monkeypatch):
+    """`--ckpt llama2-7b` with no local directory: the hub cache's snapshot (refs/main), as
+    huggingface_hub lays it out; a cache without a snapshot or missing a shard is one clear error."""
+    model, sd = tiny
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)                                    # no ./checkpoints/llama2-7b here
+    repo = tmp_path / "hf-home" / "hub" / "models--meta-llama--Llama-2-7b-hf"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        llama.resolve_ckpt("llama2-7b")
+    (repo / "snapshots").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no snapshot"):
+        llama.resolve_ckpt("llama2-7b")
+    save_hf(sd, repo / "snapshots" / "old")
+    save_hf(sd, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert llama.resolve_ckpt("llama2-7b") == repo / "snapshots" / "abc123"
+    args, state = llama.hf_state_dict(llama.resolve_ckpt("llama2-7b"))
+    with torch.no_grad():
+        assert torch.equal(llama.build(args, state)(tokens()), model(tokens()))
+    (repo / "snapshots" / "abc123" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        llama.resolve_ckpt("llama2-7b")
+
+
+def test_corrupt_or_legacy_meta_pth_names_the_file(tiny, tmp_path):
+    _, sd = tiny
+    save_meta(sd, tmp_path / "legacy")
+    torch.save(sd, tmp_path / "legacy" / "consolidated.00.pth", _use_new_zipfile_serialization=False)
+    save_meta(sd, tmp_path / "cut")
+    f = tmp_path / "cut" / "consolidated.00.pth"
+    f.write_bytes(f.read_bytes()[:1000])
+    for d, words in [("legacy", "legacy-format"), ("cut", "truncated or corrupt")]:
+        r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / d), "--ppl", ""],
+                           capture_output=True, text=True, cwd=llama.Path(llama.__file__).parent)
+        assert r.returncode == 2 and words in r.stderr and "consolidated.00.pth" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
