@@ -88,7 +88,8 @@ class Config:
     sal_multiplier: float = arg(1.0, "lambda_l = lambda * multiplier^l")
     sal_variant: str = arg("after", "penalise Q(W) + sBA (after, AfterLoRA) or Q(W) (before)", choices=("after", "before"))
     weight_penalty: float = arg(0.0, "strength of the naive unweighted penalty (alpha_i = 1)")
-    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and cached activations (CPU: fp32)", choices=tuple(DTYPES))
+    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and cached activations; bf16/fp16 also on CPU (slow "
+                     "there, the same code path as on a GPU)", choices=tuple(DTYPES))
     quick: bool = arg(False, f"the CPU recipe (SmolLM2: < 10 min on one core): {as_flags(QUICK)}", result=False)
     long: bool = arg(False, f"the long CPU recipe (SmolLM2: ~1 h on one core): {as_flags(LONG)}", result=False)
     out: Optional[str] = arg(None, "output directory (default out/<ckpt>-<method>-w<bits>g<group>)", result=False)
@@ -371,7 +372,10 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
     # activations live on the device when 4 copies fit in half its free memory, else on the host
     act_bytes = 4 * tokens.numel() * model.args.dim * dtype.itemsize
     cache = device if device.type == "cuda" and act_bytes < 0.5 * torch.cuda.mem_get_info()[0] else torch.device("cpu")
-    ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
+    # bf16 / fp16: weights and cached activations in that dtype, matmuls under autocast (CUDA and CPU
+    # alike); the clipping logits, A, B, the rounding offsets and AdamW's state stay fp32 (QuantLinear),
+    # the RMSNorm statistic and the losses are taken in fp32
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     freqs = model.freqs_cis(cfg.seqlen, device)
     with torch.no_grad():
         X = model.tok_embeddings(tokens).to(device=cache, dtype=dtype)            # (n, T, dim)
@@ -383,6 +387,10 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
         reset_peak_memory(device)
         fp_block = copy.deepcopy(model.layers[l]).to(device=device, dtype=dtype)
         Y = run_block(fp_block, X, freqs, device, ctx, X.dtype)                   # 2. targets F(W, X)
+        if not torch.isfinite(Y).all():
+            raise FloatingPointError(f"block {l}: the full-precision block's outputs overflow --dtype {cfg.dtype} "
+                                     f"(largest finite value {torch.finfo(dtype).max:.4g})" +
+                                     (": use --dtype bf16" if dtype == torch.float16 else ""))
         if l < len(done):                                                         # finished earlier: replay
             qb = load_block(out, l, fp_block, cfg, device)
             Xq_next = run_block(qb, Xq, freqs, device, ctx, X.dtype)
@@ -415,8 +423,6 @@ def check_config(cfg):
         raise ValueError("--nsamples, --seqlen, --epochs, --batch-size and --loftq-iters must be positive, --rank >= 0")
     if cfg.rank == 0 and cfg.method not in ("rtn",):
         raise ValueError(f"--method {cfg.method} needs a LoRA rank > 0")
-    if torch.device(cfg.device).type == "cpu" and cfg.dtype != "fp32":
-        raise ValueError("on CPU calibration runs in fp32 (--dtype fp32)")
 
 
 def output_dir(cfg) -> Path:
