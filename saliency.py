@@ -36,6 +36,16 @@ Llama-2-7B, bf16, GPU: 12.6 GiB of weights + 24.1 GiB of fp32 accumulators (6.5e
 weights) + ~3 GiB at 512 tokens, ~40 GiB: an 80 GB GPU, not a 24-40 GB one. --alpha-device cpu
 keeps the accumulators in host memory instead (each squared gradient crosses PCIe, 26 GB a
 sequence) and leaves the GPU the weights and one sequence, ~16 GiB.
+
+--stream (streamed_saliency) gives the same alpha with one block on the device at a time: the
+model stays on the host, every block's input is kept there for every sequence, and the backward
+pass goes block by block from the head, recomputing each block's forward; each block's alpha is
+finished, summed over processes and written before the next. Device memory: one block + its
+accumulators + one sequence's activations + the head. Under torchrun (WORLD_SIZE > 1; gloo on
+CPU, nccl on CUDA) the sequences are split over the processes and the per-block sums combined;
+ranks that load a different model or data stop with one line.
+
+    torchrun --standalone --nproc-per-node 2 saliency.py --stream --out out/saliency-smollm2
 """
 import json
 import resource
@@ -101,6 +111,70 @@ def compute_saliency(model, windows, device, alpha_dtype=torch.float32, alpha_de
     return Saliency(alphas, losses)
 
 
+def streamed_saliency(model, windows, device, alpha_dtype=torch.float32, on_block=None) -> Saliency:
+    """compute_saliency's alpha with one block on `device` at a time (the model stays on the host):
+
+        1. forward: X_0 = embeddings, X_{l+1} = F_l(X_l) for every sequence, each X_l kept on the host
+        2. head: G[s] = dL_s / dX_L[s] through the final norm, the output layer and the cross-entropy
+        3. l = L-1 .. 0: block l on the device; per sequence F_l(X_l[s]) again, with gradients, and its
+           backward from G[s]: the weights' gradients are squared into alpha_l (the same hooks as
+           compute_saliency) and G[s] becomes dL_s / dX_l[s]; then alpha_l is complete: on_block(l,
+           alpha_l) (e.g. sum it over processes and write it), and block l goes back to the host
+
+    Device memory: one block, the head, one sequence's X_l[s], G[s] and the block's activations.
+    Host memory: X_l of every block and sequence, (L + 1) x n x T x dim in the model's dtype."""
+    host = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    n, T = windows.shape
+    freqs = model.freqs_cis(T, device)
+    try:
+        with torch.no_grad():                                                  # 1. boundary activations
+            X = [model.tok_embeddings(windows.to(host))]                       # [(n, T, dim)]
+            for layer in tqdm(model.layers, desc="saliency forward", unit="block", leave=False):
+                layer.to(device)
+                X.append(torch.cat([layer(X[-1][s:s + 1].to(device), freqs).to(host) for s in range(n)]))
+                layer.to(host)
+        head = [model.norm.to(device), model.output.to(device)]
+        G, losses = [], []
+        for s in range(n):                                                     # 2. dL_s / dX_L
+            x = X[-1][s:s + 1].to(device).requires_grad_(True)                 # (1, T, dim)
+            logits = head[1](head[0](x)).float()                               # (1, T, vocab)
+            loss = F.cross_entropy(logits[0, :-1], windows[s, 1:].to(device))
+            loss.backward()
+            G.append(x.grad.to(host))
+            losses.append(loss.item())
+        model.norm.to(host), model.output.to(host)
+        X.pop()
+        alphas = [None] * len(model.layers)
+        for l in tqdm(reversed(range(len(model.layers))), total=len(model.layers), desc="saliency backward",
+                      unit="block"):                                           # 3. block by block, from the top
+            layer = model.layers[l].to(device)
+            block, hooks = {}, []
+            for name in LINEARS:
+                w = layer.get_submodule(name).weight
+                block[name] = torch.zeros(w.shape, dtype=alpha_dtype, device=device)
+                w.requires_grad_(True)
+                hooks.append(w.register_post_accumulate_grad_hook(partial(_accumulate, block[name])))
+            for s in range(n):
+                x = X[l][s:s + 1].to(device).requires_grad_(True)             # (1, T, dim)
+                layer(x, freqs).backward(G[s].to(device))                      # the hooks fill alpha_l
+                G[s] = x.grad.to(host)                                         # dL_s / dX_l
+            for h in hooks:
+                h.remove()
+            layer.requires_grad_(False).to(host)
+            X.pop()                                                            # X_l is not needed any more
+            alphas[l] = block
+            if on_block is not None:
+                alphas[l] = on_block(l, block)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.to(host)
+    return Saliency(alphas, losses)
+
+
 def rss_gib(peak=False) -> float:
     if peak:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
@@ -111,22 +185,25 @@ def model_shape(args) -> dict:
     return {k: getattr(args, k) for k in SHAPE_KEYS}
 
 
-def save_saliency(out, alphas, meta):
-    """Write the block files, then saliency.json with `meta` and per-block stats (atomically)."""
+def save_block(out, l, block) -> dict:
+    """Write block l's alphas ({linear name: alpha}) atomically; returns its stats for saliency.json."""
     from safetensors.torch import save
 
-    from cli import atomic_write, write_json
-    out = Path(out)
-    stats = []
-    for l, block in enumerate(alphas):
-        data = save({n: a.detach().cpu().contiguous() for n, a in block.items()})  # one block's bytes
-        atomic_write(out / f"block_{l:03d}.safetensors", data)
-        total = sum(a.double().sum().item() for a in block.values())
-        count = sum(a.numel() for a in block.values())
-        stats.append({"block": l, "mean": total / count, "max": max(a.max().item() for a in block.values()),
-                      "zero_fraction": sum((a == 0).sum().item() for a in block.values()) / count,
-                      "linear_mean": {n: a.double().mean().item() for n, a in block.items()}})
-    write_json(out / "saliency.json", {"format": FORMAT, **meta, "blocks": stats})
+    from cli import atomic_write
+    data = save({n: a.detach().cpu().contiguous() for n, a in block.items()})  # one block's bytes
+    atomic_write(Path(out) / f"block_{l:03d}.safetensors", data)
+    total = sum(a.double().sum().item() for a in block.values())
+    count = sum(a.numel() for a in block.values())
+    return {"block": l, "mean": total / count, "max": max(a.max().item() for a in block.values()),
+            "zero_fraction": sum((a == 0).sum().item() for a in block.values()) / count,
+            "linear_mean": {n: a.double().mean().item() for n, a in block.items()}}
+
+
+def save_saliency(out, alphas, meta):
+    """Write the block files, then saliency.json with `meta` and per-block stats (atomically)."""
+    from cli import write_json
+    stats = [save_block(out, l, block) for l, block in enumerate(alphas)]
+    write_json(Path(out) / "saliency.json", {"format": FORMAT, **meta, "blocks": stats})
 
 
 def load_block_saliency(path, l) -> dict:
@@ -232,8 +309,35 @@ def make_penalty(model, saliency=None, sal_lambda=1.0, sal_multiplier=1.0, sal_v
     return SaliencyPenalty(path, lam, sal_multiplier, sal_variant) if lam > 0 else None
 
 
+def process_group(device):
+    """(rank, world size) under torchrun (WORLD_SIZE > 1: the process group is started, gloo on
+    CPU, nccl on CUDA), else (0, 1). Ranks split the sequences and sum their alphas."""
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def check_ranks_agree(model, windows, device):
+    """Every rank must hold the same model and the same windows, else their sums mean nothing."""
+    import torch.distributed as dist
+    w = model.layers[0].attention.wq.weight
+    mine = torch.tensor([windows.double().sum().item(), *windows.shape, *model_shape(model.args).values(),
+                         w.double().sum().item()], dtype=torch.float64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    for r, t in enumerate(every):
+        if not torch.equal(t, every[0]):
+            raise ValueError(f"torchrun ranks disagree on the model or the data (rank {r} differs from rank 0): give "
+                             f"every rank the same --ckpt, --dataset, --nsamples, --seqlen and --seed")
+
+
 def main(a):
-    from cli import DTYPES, check_writable
+    from cli import DTYPES, check_writable, write_json
     from data import calib_windows
     from llama import check_seqlen
     from qmodel import load, require_fp
@@ -248,30 +352,71 @@ def main(a):
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    rank, world = process_group(device)
+    if world > 1 and device.type == "cuda":
+        import os
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     dtype = DTYPES[a.dtype]
-    print("config:", json.dumps(vars(a)))
-    model, tok = load(a.ckpt, device=device, dtype=dtype)
+    if rank == 0:
+        print("config:", json.dumps(vars(a)))
+    # --stream keeps the model on the host and moves one block at a time to the device
+    model, tok = load(a.ckpt, device="cpu" if a.stream else device, dtype=dtype)
     require_fp(model, a.ckpt)
     check_seqlen(model.args, a.seqlen)
     windows = calib_windows(tok, a.nsamples, a.seqlen, a.seed, a.dataset, a.data_dir)  # (n, T)
+    if world > 1:
+        check_ranks_agree(model, windows, device)
+        if a.nsamples < world:
+            raise ValueError(f"--nsamples {a.nsamples} is fewer than the {world} torchrun processes")
+    mine = windows[rank::world]                                                 # this rank's sequences
     rss_loaded = rss_gib()
     t0 = time.time()
-    sal = compute_saliency(model, windows, device, DTYPES[a.alpha_dtype], a.alpha_device)
+    stats = []
+
+    def finish_block(l, block):
+        """Sum block l's alpha over the processes; rank 0 writes it (streamed: as soon as it is done)."""
+        if world > 1:
+            import torch.distributed as dist
+            for t in block.values():
+                dist.all_reduce(t)
+        if rank == 0:
+            stats.append(save_block(out, l, block))
+        return None if a.stream else block
+
+    if a.stream:
+        sal = streamed_saliency(model, mine, device, DTYPES[a.alpha_dtype], on_block=finish_block)
+    else:
+        sal = compute_saliency(model, mine, device, DTYPES[a.alpha_dtype], a.alpha_device)
+        for l, block in enumerate(sal.alphas):
+            finish_block(l, block)
+    losses = sal.losses
+    if world > 1:
+        import torch.distributed as dist
+        every = [None] * world
+        dist.all_gather_object(every, losses)
+        losses = [x for part in every for x in part]
     seconds = time.time() - t0
     params = {id(p): p for p in model.parameters()}.values()                  # tied embeddings once
+    n_alpha = sum(m.weight.numel() for layer in model.layers for m in (layer.get_submodule(n) for n in LINEARS))
     meta = {"ckpt": a.ckpt, "model": model_shape(model.args), "dataset": a.dataset, "nsamples": a.nsamples,
             "seqlen": a.seqlen, "seed": a.seed, "dtype": a.dtype, "alpha_dtype": a.alpha_dtype,
-            "seconds": round(seconds, 1), "seconds_per_sequence": round(seconds / a.nsamples, 2),
-            "mean_loss": sum(sal.losses) / len(sal.losses),
+            "streamed": a.stream, "processes": world,
+            "seconds": round(seconds, 1), "seconds_per_sequence": round(seconds * world / a.nsamples, 2),
+            "mean_loss": sum(losses) / len(losses),
             "model_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
-            "alpha_gib": sum(t.numel() * t.element_size() for b in sal.alphas for t in b.values()) / 2**30,
+            "alpha_gib": n_alpha * DTYPES[a.alpha_dtype].itemsize / 2**30,
             "rss_after_load_gib": round(rss_loaded, 3), "peak_rss_gib": round(rss_gib(peak=True), 3)}
     if device.type == "cuda":
         meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    save_saliency(out, sal.alphas, meta)
-    print(f"saliency of {model.args.n_layers} blocks from {a.nsamples} x {a.seqlen} tokens in {seconds:.0f} s "
-          f"({meta['seconds_per_sequence']} s a sequence, mean loss {meta['mean_loss']:.3f}); peak RSS "
-          f"{meta['peak_rss_gib']:.2f} GiB (model {meta['model_gib']:.2f}, alpha {meta['alpha_gib']:.2f}); saved {out}")
+    if rank == 0:
+        write_json(out / "saliency.json", {"format": FORMAT, **meta, "blocks": sorted(stats, key=lambda b: b["block"])})
+        print(f"saliency of {model.args.n_layers} blocks from {a.nsamples} x {a.seqlen} tokens in {seconds:.0f} s "
+              f"({meta['seconds_per_sequence']} s a sequence per process, mean loss {meta['mean_loss']:.3f}); peak RSS "
+              f"{meta['peak_rss_gib']:.2f} GiB (model {meta['model_gib']:.2f}, alpha {meta['alpha_gib']:.2f}); "
+              f"saved {out}")
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     return out
 
 
@@ -295,5 +440,8 @@ if __name__ == "__main__":
     p.add_argument("--alpha-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="accumulators and saved alpha (bf16 halves their memory, a few %% rounding error)")
     p.add_argument("--alpha-device", default=None, help="where the accumulators live (default --device; cpu frees GPU memory)")
+    p.add_argument("--stream", action="store_true",
+                   help="one block on the device at a time (streamed_saliency): the same alpha, for models whose "
+                        "weights, activations and accumulators do not fit the device together")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy shared CPU, 1 can be far faster)")
     run(main, p.parse_args())

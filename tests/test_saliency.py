@@ -184,3 +184,61 @@ def test_real_smollm2_saliency(smollm2, data_dir):
     got = sal.alphas[5]["attention.wk"]
     assert (got - ref).norm() <= 1e-5 * ref.norm()
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_streamed_saliency_equals_the_whole_model_pass(smollm2, data_dir):
+    """One block at a time (the model on the host, recomputing each block's forward) gives the
+    alpha of the whole-model pass on the real SmolLM2, fp32."""
+    from data import calib_windows
+    from saliency import streamed_saliency
+    model, tok = smollm2
+    windows = calib_windows(tok, 2, 64, seed=0)                                    # (2, 64)
+    whole = compute_saliency(model, windows, "cpu")
+    done = []
+    streamed = streamed_saliency(model, windows, "cpu", on_block=lambda l, b: done.append(l) or b)
+    assert done == list(reversed(range(model.args.n_layers)))                     # from the top, each once
+    assert streamed.losses == pytest.approx(whole.losses, rel=1e-6)
+    for l, (a, b) in enumerate(zip(whole.alphas, streamed.alphas)):
+        for name in LINEARS:
+            rel = ((a[name] - b[name]).norm() / a[name].norm()).item()
+            assert rel <= 1e-5, (l, name, rel)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def saliency_cmd(ckpt, out, *extra, procs=1):
+    import sys
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)] \
+        if procs > 1 else [sys.executable]
+    return [*launch, "saliency.py", "--ckpt", str(ckpt), "--out", str(out), "--nsamples", "4", "--seqlen", "32",
+            "--threads", "1", *extra]
+
+
+def test_two_gloo_processes_sum_to_the_same_alpha(tiny_ckpt, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes every other sequence, the sums are combined
+    per block; the result equals one process's, streamed or not. Ranks given different data stop."""
+    import subprocess
+    from pathlib import Path
+    from safetensors.torch import load_file
+    root = Path(__file__).resolve().parents[1]
+    runs = {"one": ([], 1), "two": ([], 2), "two-streamed": (["--stream"], 2)}
+    for name, (extra, procs) in runs.items():
+        r = subprocess.run(saliency_cmd(tiny_ckpt, tmp_path / name, *extra, procs=procs), cwd=root,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    for l in range(4):
+        one = load_file(tmp_path / "one" / f"block_{l:03d}.safetensors")
+        for name in ("two", "two-streamed"):
+            other = load_file(tmp_path / name / f"block_{l:03d}.safetensors")
+            for k in one:
+                assert ((one[k] - other[k]).norm() / one[k].norm()).item() <= 1e-5, (name, l, k)
+    # a rank with another seed: the launcher below changes rank 1's --seed
+    launcher = tmp_path / "disagree.py"
+    launcher.write_text("import os, runpy, sys\n"
+                        "sys.path.insert(0, os.getcwd())\n"
+                        "if os.environ['RANK'] == '1': sys.argv += ['--seed', '7']\n"
+                        "runpy.run_path('saliency.py', run_name='__main__')\n")
+    cmd = saliency_cmd(tiny_ckpt, tmp_path / "bad", procs=2)
+    cmd[cmd.index("saliency.py")] = str(launcher)
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "ranks disagree on the model or the data" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "bad" / "saliency.json").exists()
