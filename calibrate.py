@@ -88,6 +88,8 @@ class Config:
     sal_multiplier: float = arg(1.0, "lambda_l = lambda * multiplier^l")
     sal_variant: str = arg("after", "penalise Q(W) + sBA (after, AfterLoRA) or Q(W) (before)", choices=("after", "before"))
     weight_penalty: float = arg(0.0, "strength of the naive unweighted penalty (alpha_i = 1)")
+    sal_ratio: Optional[float] = arg(None, "beyond the paper, scale-free: lambda_l set so that the penalty is this "
+                                     "times the block's output MSE at its start (replaces --sal-lambda)", type=float)
     dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and cached activations; bf16/fp16 also on CPU (slow "
                      "there, the same code path as on a GPU)", choices=tuple(DTYPES))
     quick: bool = arg(False, f"the CPU recipe (SmolLM2: < 10 min on one core): {as_flags(QUICK)}", result=False)
@@ -398,6 +400,8 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
             Y2 = (Y if Xq is X else run_block(fp_block, Xq, freqs, device, ctx, X.dtype)) if cfg.aug_loss else None
             start = quant_block(fp_block, cfg, cfg.seed + l).to(device)
             mse_before = block_mse(start, Xq, Y, freqs, device, ctx)
+            if penalty is not None:
+                penalty.normalise(l, dict(quant_linears(start)), mse_before)              # --sal-ratio only
             qb, retries = calibrate_block(l, fp_block, X, Xq, Y, Y2, freqs, cfg, device, ctx, penalty, start)  # 3. train
             Xq_next = run_block(qb, Xq, freqs, device, ctx, X.dtype)
             logs.append(block_log(l, qb, fp_block, Xq_next, Y, mse_before, retries, t0, device,
@@ -437,7 +441,7 @@ def info(cfg, **extra) -> dict:
     unused = {"rtn": ("rank", "lora_alpha", "loftq_iters"), "qlora": ("loftq_iters",), "loftq": ()}.get(
         cfg.method, ("loftq_iters",))
     data = ("nsamples", "seqlen", "epochs", "batch_size", "seed", "lr_clip", "lr_lora", "wd", "aug_loss", "dataset",
-            "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty", "lr_schedule",
+            "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty", "sal_ratio", "lr_schedule",
             "learn_rounding", "lr_round", "lora_init", "stop_after", "data_dir")
     skip = set(unused) | (set(data) | {"quick", "long"} if cfg.method in INITS else set())
     made_by = {k: v for k, v in asdict(cfg).items() if k not in skip}
@@ -473,7 +477,7 @@ def main(cfg: Config):
     else:
         tokens = calib_windows(tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.data_dir)  # (n, T)
         penalty = make_penalty(model, cfg.saliency, cfg.sal_lambda, cfg.sal_multiplier, cfg.sal_variant,
-                               cfg.weight_penalty)
+                               cfg.weight_penalty, cfg.sal_ratio)
         logs = calibrate_blocks(model, tokens, cfg, out, done, penalty)
         if logs is None:
             return out

@@ -250,12 +250,26 @@ class SaliencyPenalty:
     W_eff = Q(W) + s B A (variant "after") or Q(W) ("before"); path None: alpha_i = 1 (the
     naive weight penalty of section 3.1). One block's alphas are in memory at a time."""
 
-    def __init__(self, path, lam, multiplier=1.0, variant="after"):
-        self.path, self.lam, self.multiplier, self.variant = path, lam, multiplier, variant
-        self._key, self._alphas = None, None
+    def __init__(self, path, lam, multiplier=1.0, variant="after", ratio=None):
+        self.path, self.lam, self.multiplier, self.variant, self.ratio = path, lam, multiplier, variant, ratio
+        self._key, self._alphas, self._scale = None, None, {}
 
     def lambda_l(self, l):
-        return self.lam * self.multiplier ** l
+        """lambda * multiplier^l (the paper); with `ratio`, the scale-free strength set by normalise()."""
+        if self.ratio is None:
+            return self.lam * self.multiplier ** l
+        if l not in self._scale:
+            raise RuntimeError(f"block {l}: normalise() must set the penalty's scale before the block trains")
+        return self._scale[l]
+
+    @torch.no_grad()
+    def normalise(self, l, linears, mse):
+        """Beyond the paper, scale-free (--sal-ratio): lambda_l = ratio * multiplier^l * mse / distance
+        at the block's start, so that the penalty starts at `ratio` times the block's output MSE
+        whatever the scale of alpha, of the block's activations or of the model."""
+        if self.ratio is not None:
+            dist = self.distance(l, linears, [m.qweight() for m in linears.values()]).item()
+            self._scale[l] = self.ratio * self.multiplier ** l * mse / dist if dist > 0 else 0.0
 
     def alphas(self, l, device):
         if self.path is None:
@@ -292,13 +306,16 @@ class SaliencyPenalty:
 
 
 def make_penalty(model, saliency=None, sal_lambda=1.0, sal_multiplier=1.0, sal_variant="after",
-                 weight_penalty=0.0):
+                 weight_penalty=0.0, sal_ratio=None):
     """The penalty that these settings ask for (saliency: a directory from this script), or None
-    where it would be zero, so that lambda = 0 runs plain ApiQ bit for bit."""
+    where it would be zero, so that lambda = 0 runs plain ApiQ bit for bit. sal_ratio: the
+    scale-free strength (SaliencyPenalty.normalise) instead of sal_lambda / weight_penalty."""
     if saliency and weight_penalty:
         raise ValueError("--saliency and --weight-penalty are two different penalties: give only one")
-    if min(sal_lambda, weight_penalty, sal_multiplier) < 0:
-        raise ValueError("--sal-lambda, --sal-multiplier and --weight-penalty must not be negative")
+    if min(sal_lambda, weight_penalty, sal_multiplier) < 0 or (sal_ratio is not None and sal_ratio < 0):
+        raise ValueError("--sal-lambda, --sal-multiplier, --sal-ratio and --weight-penalty must not be negative")
+    if sal_ratio is not None and not saliency and not weight_penalty:
+        raise ValueError("--sal-ratio scales a penalty: give --saliency DIR (or --weight-penalty 1 for alpha_i = 1)")
     if sal_variant not in ("after", "before"):
         raise ValueError(f"--sal-variant must be 'after' or 'before', got {sal_variant!r}")
     if saliency:
@@ -306,6 +323,8 @@ def make_penalty(model, saliency=None, sal_lambda=1.0, sal_multiplier=1.0, sal_v
         path, lam = saliency, sal_lambda
     else:
         path, lam = None, weight_penalty
+    if sal_ratio is not None:
+        return SaliencyPenalty(path, 1.0, sal_multiplier, sal_variant, ratio=sal_ratio) if sal_ratio > 0 else None
     return SaliencyPenalty(path, lam, sal_multiplier, sal_variant) if lam > 0 else None
 
 

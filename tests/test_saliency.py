@@ -242,3 +242,28 @@ def test_two_gloo_processes_sum_to_the_same_alpha(tiny_ckpt, tmp_path):
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "ranks disagree on the model or the data" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "bad" / "saliency.json").exists()
+
+
+def test_scale_free_penalty_starts_at_the_asked_ratio_of_the_mse(tiny_saliency, tmp_path):
+    """--sal-ratio: lambda_l such that penalty = ratio x mse at the block's start, for any scale of
+    alpha (x1e6 here) and the multiplier on top; calibrate_blocks sets it before each block trains."""
+    model, out, _, tokens = tiny_saliency
+    pen = make_penalty(model, str(out), sal_multiplier=1.3, sal_ratio=0.25)
+    qb = calibrate.quant_block(model.layers[1], args(), 0)
+    linears = dict(quant_linears(qb))
+    with pytest.raises(RuntimeError, match="normalise"):
+        pen.lambda_l(1)
+    pen.normalise(1, linears, mse=2.0)
+    assert pen.report(1, linears, mse=2.0)["penalty_over_mse"] == pytest.approx(0.25 * 1.3)
+    big = SaliencyPenalty(str(out), 1.0, 1.0, "after", ratio=0.25)
+    big._alphas = {n: a * 1e6 for n, a in big.alphas(1, "cpu").items()}         # alpha a million times larger
+    big.normalise(1, linears, mse=2.0)
+    assert big.report(1, linears, mse=2.0)["penalty"] == pytest.approx(0.5)
+    import copy
+    cfg = args(seqlen=16, nsamples=3, epochs=1, saliency=str(out), sal_ratio=0.25)
+    logs = calibrate.calibrate_blocks(copy.deepcopy(model), tokens, cfg, tmp_path, [], make_penalty(
+        model, str(out), sal_ratio=0.25))
+    assert all(log["lambda_l"] > 0 and log["penalty_over_mse"] > 0 for log in logs)   # set per block, then trained
+    assert make_penalty(model, str(out), sal_ratio=0.0) is None
+    with pytest.raises(ValueError, match="--sal-ratio scales a penalty"):
+        make_penalty(model, None, sal_ratio=0.5)
