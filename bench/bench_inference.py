@@ -4,10 +4,12 @@ packed vs cached, and generation with the KV cache vs recomputing the prefix for
     python bench/bench_inference.py --threads 1                       # makes a 2-bit QLoRA-init model first
     python bench/bench_inference.py --model out/results/apiq-bw-w2    # or measures a calibrated one
 
-Memory: each load runs in a fresh process; resident memory (VmRSS, after gc and malloc_trim)
-minus that process's own before loading (python + torch + this repo imported). The quantized
-linears' share = that minus the parts every load keeps in full (embeddings, norms: their tensor
-bytes) minus the LoRA factors (A, B in fp32, reported apart). Targets (issue 13): packed linears
+Memory: each kind of load runs in a fresh process, twice: resident memory (VmRSS, after gc and
+malloc_trim) grows on the first load also by the library code and data it touches for the
+first time (~0.1 GiB, the same for every kind); the second load's growth, after the first
+model is freed, is the model's. The quantized linears' share = that minus the parts every load
+keeps in full (embeddings, norms: their tensor bytes) minus the LoRA factors (A, B in fp32,
+reported apart). Targets (issue 13): packed linears
 <= 0.35x the fp16 linears; packed perplexity >= 0.8x the cached model's speed at seqlen 2048;
 generation with the KV cache >= 5x the tokens/s of prefix recomputation (128 new tokens after a
 256-token prompt).
@@ -37,12 +39,19 @@ def rss():
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 
-before = rss()
 what, path = sys.argv[1], sys.argv[2]
-if what == "fp16":
-    model, _ = llama.load("smollm2-135m", dtype=torch.float16)
-else:
-    model, _ = qmodel.load(path, dtype=torch.float16, cache=(what == "cached"))
+
+def load():
+    if what == "fp16":
+        return llama.load("smollm2-135m", dtype=torch.float16)[0]
+    return qmodel.load(path, dtype=torch.float16, cache=(what == "cached"))[0]
+
+fresh = rss()
+model = load()                      # the first load also maps the libraries' code and data it touches
+first = rss() - fresh
+del model
+before = rss()
+model = load()                      # the second load's growth: the model alone
 resident = rss() - before
 seen, kept, adapters = set(), 0, 0
 for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -53,7 +62,7 @@ for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         kept += t.numel() * t.element_size()
     elif name.endswith((".A", ".B")):
         adapters += t.numel() * t.element_size()
-print(json.dumps({"resident": resident, "kept": kept, "adapters": adapters}))
+print(json.dumps({"resident": resident, "first": first, "kept": kept, "adapters": adapters}))
 """
 
 
@@ -96,11 +105,12 @@ def main(a):
         del fp
     mem = memory(a.model)
     print(f"SmolLM2-135M 2-bit g64 ({a.model}); resident memory in MiB (fresh process each)\n")
-    print("| load | resident | embeddings + norms | LoRA A, B (fp32) | block linears | linears vs fp16 |\n|---|---|---|---|---|---|")
+    print("| load | first load's growth | model (second load) | embeddings + norms | LoRA A, B (fp32) | block linears | "
+          "linears vs fp16 |\n|---|---|---|---|---|---|---|")
     for what, r in mem.items():
         mib = {k: v / 2**20 for k, v in r.items()}
-        print(f"| {what} | {mib['resident']:.1f} | {mib['kept']:.1f} | {mib['adapters']:.1f} | {mib['linears']:.1f} | "
-              f"{r['linears'] / mem['fp16']['linears']:.3f}x |")
+        print(f"| {what} | {mib['first']:.1f} | {mib['resident']:.1f} | {mib['kept']:.1f} | {mib['adapters']:.1f} | "
+              f"{mib['linears']:.1f} | {r['linears'] / mem['fp16']['linears']:.3f}x |")
 
     cached, tok = load_q(a.model)
     packed, _ = load_q(a.model, cache=False)
