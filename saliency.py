@@ -47,6 +47,7 @@ ranks that load a different model or data stop with one line.
 
     torchrun --standalone --nproc-per-node 2 saliency.py --stream --out out/saliency-smollm2
 """
+import copy
 import json
 import resource
 import time
@@ -111,67 +112,59 @@ def compute_saliency(model, windows, device, alpha_dtype=torch.float32, alpha_de
     return Saliency(alphas, losses)
 
 
-def streamed_saliency(model, windows, device, alpha_dtype=torch.float32, on_block=None) -> Saliency:
-    """compute_saliency's alpha with one block on `device` at a time (the model stays on the host):
+def streamed_saliency(model, windows, device, dtype=None, alpha_dtype=torch.float32, on_block=None) -> Saliency:
+    """compute_saliency's alpha with one block on `device` at a time. The model stays on the host,
+    untouched and in its storage dtype (a checkpoint memory-mapped from disk stays so); each block,
+    and the head, is copied to the device in `dtype` (default: the model's) when it is needed:
 
         1. forward: X_0 = embeddings, X_{l+1} = F_l(X_l) for every sequence, each X_l kept on the host
         2. head: G[s] = dL_s / dX_L[s] through the final norm, the output layer and the cross-entropy
         3. l = L-1 .. 0: block l on the device; per sequence F_l(X_l[s]) again, with gradients, and its
            backward from G[s]: the weights' gradients are squared into alpha_l (the same hooks as
            compute_saliency) and G[s] becomes dL_s / dX_l[s]; then alpha_l is complete: on_block(l,
-           alpha_l) (e.g. sum it over processes and write it), and block l goes back to the host
+           alpha_l) (e.g. sum it over processes and write it) returns what to keep of it
 
-    Device memory: one block, the head, one sequence's X_l[s], G[s] and the block's activations.
-    Host memory: X_l of every block and sequence, (L + 1) x n x T x dim in the model's dtype."""
+    Device memory: one block, its accumulators, the head, one sequence's X_l[s], G[s] and the block's
+    activations. Host memory: X_l of every block and sequence, (L + 1) x n x T x dim in `dtype`."""
     host = next(model.parameters()).device
-    flags = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
+    dtype = dtype or next(model.parameters()).dtype
+
+    def on_device(module):                       # a frozen copy on the device; the model is not changed
+        return copy.deepcopy(module).to(device=device, dtype=dtype).requires_grad_(False)
+
     n, T = windows.shape
     freqs = model.freqs_cis(T, device)
-    try:
-        with torch.no_grad():                                                  # 1. boundary activations
-            X = [model.tok_embeddings(windows.to(host))]                       # [(n, T, dim)]
-            for layer in tqdm(model.layers, desc="saliency forward", unit="block", leave=False):
-                layer.to(device)
-                X.append(torch.cat([layer(X[-1][s:s + 1].to(device), freqs).to(host) for s in range(n)]))
-                layer.to(host)
-        head = [model.norm.to(device), model.output.to(device)]
-        G, losses = [], []
-        for s in range(n):                                                     # 2. dL_s / dX_L
-            x = X[-1][s:s + 1].to(device).requires_grad_(True)                 # (1, T, dim)
-            logits = head[1](head[0](x)).float()                               # (1, T, vocab)
-            loss = F.cross_entropy(logits[0, :-1], windows[s, 1:].to(device))
-            loss.backward()
-            G.append(x.grad.to(host))
-            losses.append(loss.item())
-        model.norm.to(host), model.output.to(host)
-        X.pop()
-        alphas = [None] * len(model.layers)
-        for l in tqdm(reversed(range(len(model.layers))), total=len(model.layers), desc="saliency backward",
-                      unit="block"):                                           # 3. block by block, from the top
-            layer = model.layers[l].to(device)
-            block, hooks = {}, []
-            for name in LINEARS:
-                w = layer.get_submodule(name).weight
-                block[name] = torch.zeros(w.shape, dtype=alpha_dtype, device=device)
-                w.requires_grad_(True)
-                hooks.append(w.register_post_accumulate_grad_hook(partial(_accumulate, block[name])))
-            for s in range(n):
-                x = X[l][s:s + 1].to(device).requires_grad_(True)             # (1, T, dim)
-                layer(x, freqs).backward(G[s].to(device))                      # the hooks fill alpha_l
-                G[s] = x.grad.to(host)                                         # dL_s / dX_l
-            for h in hooks:
-                h.remove()
-            layer.requires_grad_(False).to(host)
-            X.pop()                                                            # X_l is not needed any more
-            alphas[l] = block
-            if on_block is not None:
-                alphas[l] = on_block(l, block)
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
-        model.to(host)
+    with torch.no_grad():                                                      # 1. boundary activations
+        X = [model.tok_embeddings(windows.to(host)).to(dtype)]                # [(n, T, dim)]
+        for layer in tqdm(model.layers, desc="saliency forward", unit="block", leave=False):
+            block = on_device(layer)
+            X.append(torch.cat([block(X[-1][s:s + 1].to(device), freqs).to(host) for s in range(n)]))
+            del block
+    norm, output = on_device(model.norm), on_device(model.output)
+    G, losses = [], []
+    for s in range(n):                                                         # 2. dL_s / dX_L
+        x = X[-1][s:s + 1].to(device).requires_grad_(True)                     # (1, T, dim)
+        loss = F.cross_entropy(output(norm(x)).float()[0, :-1], windows[s, 1:].to(device))
+        loss.backward()
+        G.append(x.grad.to(host))
+        losses.append(loss.item())
+    del norm, output
+    X.pop()
+    alphas = [None] * len(model.layers)
+    for l in tqdm(reversed(range(len(model.layers))), total=len(model.layers), desc="saliency backward", unit="block"):
+        block, alpha = on_device(model.layers[l]), {}                          # 3. block by block, from the top
+        for name in LINEARS:
+            w = block.get_submodule(name).weight
+            alpha[name] = torch.zeros(w.shape, dtype=alpha_dtype, device=device)
+            w.requires_grad_(True)
+            w.register_post_accumulate_grad_hook(partial(_accumulate, alpha[name]))
+        for s in range(n):
+            x = X[l][s:s + 1].to(device).requires_grad_(True)                 # (1, T, dim)
+            block(x, freqs).backward(G[s].to(device))                          # the hooks fill alpha_l
+            G[s] = x.grad.to(host)                                             # dL_s / dX_l
+        del block
+        X.pop()                                                                # X_l is not needed any more
+        alphas[l] = alpha if on_block is None else on_block(l, alpha)
     return Saliency(alphas, losses)
 
 
@@ -378,8 +371,8 @@ def main(a):
     dtype = DTYPES[a.dtype]
     if rank == 0:
         print("config:", json.dumps(vars(a)))
-    # --stream keeps the model on the host and moves one block at a time to the device
-    model, tok = load(a.ckpt, device="cpu" if a.stream else device, dtype=dtype)
+    # --stream keeps the model on the host in its storage dtype and copies one block at a time to the device
+    model, tok = load(a.ckpt, device="cpu" if a.stream else device, dtype=None if a.stream else dtype)
     require_fp(model, a.ckpt)
     check_seqlen(model.args, a.seqlen)
     windows = calib_windows(tok, a.nsamples, a.seqlen, a.seed, a.dataset, a.data_dir)  # (n, T)
@@ -403,7 +396,7 @@ def main(a):
         return None if a.stream else block
 
     if a.stream:
-        sal = streamed_saliency(model, mine, device, DTYPES[a.alpha_dtype], on_block=finish_block)
+        sal = streamed_saliency(model, mine, device, dtype, DTYPES[a.alpha_dtype], on_block=finish_block)
     else:
         sal = compute_saliency(model, mine, device, DTYPES[a.alpha_dtype], a.alpha_device)
         for l, block in enumerate(sal.alphas):
