@@ -142,10 +142,12 @@ class QuantLinear(nn.Module):
             self.cache_qweight()
 
     @torch.no_grad()
-    def cache_qweight(self):
-        """Keep Q(W) dequantized (fp32): forwards skip the unpacking, at 4 bytes a weight."""
+    def cache_qweight(self, dtype=None):
+        """Keep Q(W) dequantized, in `dtype` (default fp32: 4 bytes a weight; bf16: 2): forwards
+        skip the unpacking. Forwards in that dtype see the same values as from the packed codes."""
         self.q_cache = None
-        self.q_cache = self.qweight().detach()
+        q = self.qweight().detach()
+        self.q_cache = q if dtype is None else q.to(dtype)
 
     def drop_cache(self):
         self.q_cache = None

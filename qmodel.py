@@ -152,8 +152,8 @@ def read_quantized_config(path) -> dict:
 
 def load_quantized(path, device="cpu", dtype=torch.float32, cache=True):
     """(model, tok) from a saved directory. Each QuantLinear holds its packed codes, scale, zero
-    and the LoRA factors, unmerged; cache=True also keeps Q(W) dequantized (fast, 4 bytes a
-    weight), cache=False dequantizes in every forward (2-bit: ~1/16 of the memory)."""
+    and the LoRA factors, unmerged; cache=True also keeps Q(W) dequantized in `dtype` (fast; fp32:
+    4 bytes a weight, bf16: 2), cache=False dequantizes in every forward (2-bit: ~2.6 bits a weight)."""
     from safetensors import SafetensorError, safe_open
 
     from tokenizer import GGUFTokenizer
@@ -178,7 +178,7 @@ def load_quantized(path, device="cpu", dtype=torch.float32, cache=True):
         q = QuantLinear.from_export(linear_part(t, name), spec["bits"], spec["group_size"], spec["rank"],
                                     spec.get("lora_alpha", spec.get("alpha")), (out_f, in_f), device=device)
         if cache:
-            q.cache_qweight()
+            q.cache_qweight(dtype)           # in the dtype the model computes in
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
     rest = {k: v if dtype is None else v.to(dtype) for k, v in t.items() if is_kept(k)}

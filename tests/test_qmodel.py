@@ -41,6 +41,12 @@ def test_saved_model_gives_identical_logits(saved):
     assert all(m.q_cache is None and m.codes.dtype == torch.uint8 for _, m in quant_linears(packed))
     with torch.no_grad():
         assert torch.equal(packed(x), q(x))
+    # in bf16 (a GPU's finetuning dtype) the cache holds 2 bytes a weight, and the same values
+    cached16, _ = load(str(out), dtype=torch.bfloat16)
+    packed16, _ = load(str(out), dtype=torch.bfloat16, cache=False)
+    assert all(m.q_cache.dtype == torch.bfloat16 for _, m in quant_linears(cached16))
+    with torch.no_grad():
+        assert torch.equal(cached16(x[:, :16]), packed16(x[:, :16]))
 
 
 def test_rtn_model_equals_an_independent_rtn(smollm2):
