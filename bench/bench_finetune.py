@@ -9,8 +9,9 @@ Rows (rank-64 LoRA on every block linear, only A and B train, AdamW):
   2-bit, packed      QuantLinear dequantizing its packed codes in every forward (qmodel.load(cache=False))
 The target (issue 12): the cached step >= 0.8x the fp32 + LoRA step's speed.
 
-Memory: peak resident memory of a step at seqlen 128, 256, 512 (batch 1) for the cached model;
-its slope is the activation memory per token, from which README's 7B estimate is made.
+Memory: peak resident growth of a step at seqlen 128, 256, 512 (batch 1) of the cached model,
+each in a fresh process after a warm-up step (glibc told to unmap big buffers when freed); its
+slope is the activation memory per token, from which README's 7B estimate is made.
 """
 import argparse
 import copy
@@ -43,19 +44,51 @@ def step_time(model, x, steps):
     return statistics.median(times)
 
 
-def peak_step_gib(model, x, head=True):
-    """Peak resident memory (GiB) of one forward + backward above what was resident before;
-    head=False: a loss on the final hidden states, i.e. the blocks' activations alone."""
+def trainable(model):
+    """Only the LoRA factors train (finetune.load_student's setting)."""
+    from lora import adapters
+    model.requires_grad_(False)
+    for m in adapters(model).values():
+        m.A.requires_grad_(True)
+        m.B.requires_grad_(True)
+    return model.train()
+
+
+def probe(T, head):
+    """(in a fresh process) Peak resident growth of one forward + backward of the cached 2-bit
+    model on one window of T tokens, after a warm-up step; head=False: a loss on the final hidden
+    states, i.e. the blocks' activations alone. Prints bytes."""
+    import ctypes
+
+    import torch
+
     from cli import peak_memory_gib, reset_peak_memory
+    from data import train_windows
     from finetune import lm_loss
+    from llama import load
+    from qmodel import quantize_model
+    torch.set_num_threads(1)
+    fp, tok = load("smollm2-135m")
+    model = trainable(quantize_model(fp, "qlora", bits=2))
+    x = train_windows(tok, 512, "wikitext2")[:1, :T]                            # (1, T)
+
+    def step():
+        (lm_loss(model, x) if head else model.hidden(x).pow(2).mean()).backward()
+        model.zero_grad(set_to_none=True)
+    step()                                                                      # warm-up
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     reset_peak_memory("cpu")
     base = peak_memory_gib("cpu")
-    (lm_loss(model, x) if head else model.hidden(x).pow(2).mean()).backward()
-    for m in model.modules():
-        for p in (getattr(m, "A", None), getattr(m, "B", None)):
-            if p is not None:
-                p.grad = None
-    return peak_memory_gib("cpu") - base
+    step()
+    print((peak_memory_gib("cpu") - base) * 2**30)
+
+
+def peak_step_bytes(T, head=True):
+    import subprocess
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}      # big buffers are unmapped when freed
+    r = subprocess.run([sys.executable, __file__, "--probe", str(T), "--head", str(int(head))], capture_output=True,
+                       text=True, env=env, check=True)
+    return float(r.stdout.strip().splitlines()[-1])
 
 
 def main(a):
@@ -69,13 +102,6 @@ def main(a):
     fp, tok = load("smollm2-135m")
     windows = train_windows(tok, max(a.seqlen, 512), "wikitext2")             # (n, 512)
     x = windows[:a.batch_size, :a.seqlen]                                        # (B, T)
-
-    def trainable(model):
-        model.requires_grad_(False)
-        for m in adapters(model).values():
-            m.A.requires_grad_(True)
-            m.B.requires_grad_(True)
-        return model.train()
 
     ref = copy.deepcopy(fp)
     torch.manual_seed(0)
@@ -95,15 +121,14 @@ def main(a):
     print("| model | s / step | tokens / s | speed vs fp32 + LoRA |\n|---|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {t:.3f} | {tokens / t:.0f} | {times['fp32 + LoRA'] / t:.2f}x |")
-    del ref, packed, rows
+    args = cached.args
+    del ref, packed, rows, cached
     print("\n| seqlen | peak step memory above the loaded model (GiB) | of it, the blocks alone |\n|---|---|---|")
     peaks = {}
-    for T in (128, 256, 512):
-        x = windows[:1, :T]                                                      # (1, T)
-        peaks[T] = peak_step_gib(cached, x), peak_step_gib(cached, x, head=False)
-        print(f"| {T} | {peaks[T][0]:.3f} | {peaks[T][1]:.3f} |")
-    whole, blocks = [(peaks[512][i] - peaks[128][i]) / (512 - 128) * 2**30 for i in (0, 1)]  # bytes per token
-    args = cached.args
+    for T in (128, 256, 512):                                                    # each in a fresh process
+        peaks[T] = peak_step_bytes(T), peak_step_bytes(T, head=False)
+        print(f"| {T} | {peaks[T][0] / 2**30:.3f} | {peaks[T][1] / 2**30:.3f} |")
+    whole, blocks = [(peaks[512][i] - peaks[128][i]) / (512 - 128) for i in (0, 1)]  # bytes per token
     print(f"\nper token: {whole / 2**20:.3f} MiB a step, of it {blocks / 2**20:.3f} MiB in the blocks = "
           f"{blocks / (args.n_layers * args.dim):.0f} bytes per token per block per unit of width (SmolLM2: "
           f"{args.n_layers} blocks, width {args.dim}, fp32); the rest, {(whole - blocks) / 2**20:.3f} MiB, is the "
@@ -116,7 +141,9 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--head", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     from cli import run
-    run(main, a)
+    run(probe, a.probe, bool(a.head)) if a.probe else run(main, a)
