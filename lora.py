@@ -154,7 +154,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.qweight().to(x.dtype), bias)                 # x Q(W)^T
+        if self.q_cache is None and self.quantized and torch.is_grad_enabled() and x.requires_grad:
+            y = PackedMatmul.apply(x, self)                               # x Q(W)^T, Q(W) not kept for backward
+            y = y if bias is None else y + bias
+        else:
+            y = F.linear(x, self.qweight().to(x.dtype), bias)             # x Q(W)^T
         lora = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))  # (x A^T) B^T
         return y + self.scaling * lora                                     # (LoRA)
 
@@ -172,6 +176,22 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, rank={self.rank}, lora_alpha={self.lora_alpha}, "
                 f"quantized={self.quantized}, cached={self.q_cache is not None}")
+
+
+class PackedMatmul(torch.autograd.Function):
+    """x Q(W)^T for a packed QuantLinear while training its adapters: Q(W) is dequantized from the
+    codes in the forward and again in the backward (for dL/dx = g Q(W)), so autograd keeps the
+    codes (~2.6 bits a weight), not a dequantized copy of every linear. The same values as
+    F.linear with the dequantized weight; Q(W) itself gets no gradient (it is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, m):
+        ctx.m = m
+        return F.linear(x, m.qweight().to(x.dtype))                       # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g @ ctx.m.qweight().to(g.dtype), None                      # (..., in)
 
 
 @contextmanager

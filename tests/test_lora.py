@@ -182,3 +182,25 @@ def test_loftq_on_a_real_smollm2_layer(smollm2):
     qlora_error = qlora_init(w, 2, 64, 64).errors[0]
     errors = loftq_init(w, 2, 64, 64, 16, iters=5).errors
     assert errors[-1] < errors[0] < qlora_error
+
+
+def test_packed_training_keeps_codes_not_a_dequantized_weight():
+    """A packed QuantLinear (no cached Q(W)) training its adapters: autograd saves no (out, in)
+    tensor (PackedMatmul dequantizes again in the backward), and dL/dx, dL/dA, dL/dB are those of
+    the same layer with Q(W) cached."""
+    torch.manual_seed(0)
+    packed = init_linear(nn.Linear(128, 96, bias=False), "loftq", 2, 32, 8, loftq_iters=1)
+    cached = init_linear(nn.Linear(128, 96, bias=False), "loftq", 2, 32, 8, loftq_iters=1)
+    cached.load_state_dict(packed.state_dict())
+    cached.cache_qweight()
+    x = torch.randn(4, 128, requires_grad=True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.shape) or t, lambda t: t):
+        y = packed(x)
+    assert torch.Size([96, 128]) not in sizes and torch.Size([128, 96]) not in sizes, sizes
+    y.square().sum().backward()
+    grads = (x.grad.clone(), packed.A.grad, packed.B.grad)
+    x.grad = None
+    cached(x).square().sum().backward()
+    for got, want in zip(grads, (x.grad, cached.A.grad, cached.B.grad)):
+        assert torch.equal(got, want)
