@@ -429,9 +429,14 @@ def check_config(cfg):
         raise ValueError(f"--method {cfg.method} needs a LoRA rank > 0")
 
 
+def method_name(cfg) -> str:
+    """apiq-bw, apiq-lw, or the data-free init's name: what apiq.json and the default --out call it."""
+    return f"apiq-{cfg.method}" if cfg.method in ("bw", "lw") else cfg.method
+
+
 def output_dir(cfg) -> Path:
     name = Path(cfg.ckpt).name.removesuffix(".gguf") if Path(cfg.ckpt).exists() else cfg.ckpt
-    tag = f"apiq-{cfg.method}" if cfg.method in ("bw", "lw") else cfg.method
+    tag = method_name(cfg)
     recipe = "-quick" if cfg.quick else "-long" if cfg.long else ""
     return Path(cfg.out or f"out/{name}-{tag}-w{cfg.bits}g{cfg.group_size}{recipe}")
 
@@ -445,8 +450,7 @@ def info(cfg, **extra) -> dict:
             "learn_rounding", "lr_round", "lora_init", "stop_after", "data_dir")
     skip = set(unused) | (set(data) | {"quick", "long"} if cfg.method in INITS else set())
     made_by = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    method = f"apiq-{cfg.method}" if cfg.method in ("bw", "lw") else cfg.method
-    return {"method": method, "source": cfg.ckpt, "made_by": made_by, **extra}
+    return {"method": method_name(cfg), "source": cfg.ckpt, "made_by": made_by, **extra}
 
 
 def main(cfg: Config):
