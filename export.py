@@ -13,9 +13,10 @@ official ApiQ hands to its finetuning stage. Nothing of apiq is needed to load t
     lm_eval --model hf --model_args pretrained=out/hf/apiq-w2/base,peft=out/hf/apiq-w2/adapter --tasks piqa
 
 OUT/base: config.json (LlamaForCausalLM), model.safetensors (--dtype; Q(W) of every block linear,
-q/k rows in transformers' RoPE layout, llama.hf_permute), generation_config.json, tokenizer.json +
-tokenizer_config.json (a GGUF byte-level BPE, e.g. SmolLM2, rewritten in the `tokenizers` format)
-or tokenizer.model (SentencePiece, Llama-2). OUT/adapter: adapter_config.json and
+q/k rows in transformers' RoPE layout, llama.hf_permute), generation_config.json,
+apiq_source.json (the source's apiq.json), tokenizer.json + tokenizer_config.json (a GGUF
+byte-level BPE, e.g. SmolLM2, rewritten in the `tokenizers` format) or tokenizer.model
+(SentencePiece, Llama-2). OUT/adapter: adapter_config.json and
 adapter_model.safetensors (lora_A = our A (r, in), lora_B = our B (out, r), scaling lora_alpha / r
 as ours). With --merge, OUT alone holds the base with W_eff = Q(W) + s B A: no PEFT needed, but the
 weights are no longer on the N-bit grid. The base is the fake-quantized model in 16 or 32 bits:
@@ -177,7 +178,9 @@ def export(src, out, dtype="fp32", merge=False, force=False):
         check_writable(adapter)
         atomic_write(adapter / "adapter_model.safetensors", lambda tmp: save_file(lora, tmp, metadata={"format": "pt"}))
         write_json(adapter / "adapter_config.json", config)
-    shutil.copyfile(Path(src) / "apiq.json", base / "apiq.json")     # how the model was made, for the record
+    # how the model was made, for the record (not named apiq.json: the export is a Hugging Face
+    # directory, and `--ckpt base/` must load it as one: llama.load reads its config.json)
+    shutil.copyfile(Path(src) / "apiq.json", base / "apiq_source.json")
     write_json(base / "config.json", hf_config(model.args, tied, tok, dtype))   # last: a complete directory
     return base, adapter
 

@@ -57,6 +57,10 @@ def test_transformers_and_peft_give_our_logits(tiny_loftq, tmp_path):
     assert (without - want).abs().max().item() > 1e-2
     merged, none = export.export(tiny_loftq, tmp_path / "merged", merge=True)
     assert none is None and (hf_logits(merged, None, x) - want).abs().max().item() <= 1e-4
+    from llama import load as load_fp                                             # our loader reads it too
+    mine, _ = load_fp(str(merged))
+    with torch.no_grad():
+        assert (mine(x) - want).abs().max().item() <= 1e-4
     from transformers import AutoTokenizer                                       # SentencePiece, Llama-2
     hf_tok = AutoTokenizer.from_pretrained(base)
     text = "Hello world, the year 1997 saw 3.5 inches of rain."
