@@ -395,7 +395,7 @@ def evaluate_ppl(model, windows, label):
 def order(r):
     """Rows as the table and peers.json list them: fp first, then by bits, methods as in METHODS,
     ApiQ budgets by their minutes."""
-    base = "apiq" if r["method"].startswith("apiq-") else r["method"]
+    base = r["method"].split("-")[0]                     # apiq-quick, autoround-lr5e-3: their family
     return (0 if base == "fp" else r["bits"], METHODS.index(base) if base in METHODS else len(METHODS),
             r["minutes"], r["method"])
 

@@ -23,8 +23,7 @@ STYLE = {"rtn": ("s", True), "loftq": ("D", True), "apiq": ("o", True),
 
 
 def style(method: str):
-    base = "apiq" if method.startswith("apiq-") else method
-    return STYLE.get(base, ("x", True))
+    return STYLE.get(method.split("-")[0], ("x", True))    # apiq-quick, autoround-lr5e-3: their family
 
 
 def main(a):
