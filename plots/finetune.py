@@ -49,7 +49,7 @@ def main(a):
     bits = sorted({b for _, b in found if b is not None})
     if not bits:
         raise FileNotFoundError(f"no finished finetuning of a quantized start in {results} (--loss {a.loss})")
-    fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(bits), figsize=(6.5 * len(bits), 4.4), squeeze=False)
     for ax, b in zip(axes[0], bits):
         for (init, bb), log in found.items():
             if bb not in (b, None):
@@ -63,6 +63,7 @@ def main(a):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="start (held-out ppl after)", title_fontsize=8)
     fig.suptitle("SmolLM2-135M: LoRA finetuning from each initialisation (finetune.py, same recipe)")
+    fig.tight_layout()
     save(fig, a.out)
     print(table(found))
 
