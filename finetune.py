@@ -73,7 +73,7 @@ class Config:
     save_every: int = arg(20, "optimizer steps between checkpoints", result=False)
     packed: bool = arg(False, "keep the codes packed and dequantize in every forward: less memory, slower steps "
                        "(default: Q(W) cached, a step costs what a full-precision LoRA step costs)", result=False)
-    quick: bool = arg(False, f"the CPU recipe (SmolLM2: ~20 min on one core): {as_flags(QUICK)}", result=False)
+    quick: bool = arg(False, f"the CPU recipe (SmolLM2: 10-15 min on one core): {as_flags(QUICK)}", result=False)
     out: Optional[str] = arg(None, "output directory (default <ckpt>-ft, -ft-kd with --loss kd)", result=False)
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
     device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
