@@ -348,6 +348,24 @@ def check_ranks_agree(model, windows, device):
                              f"every rank the same --ckpt, --dataset, --nsamples, --seqlen and --seed")
 
 
+def run_meta(a, model, losses, seconds, world, rss_loaded, device) -> dict:
+    """What saliency.json records besides the per-block stats: model, data, time, memory."""
+    from cli import DTYPES
+    params = {id(p): p for p in model.parameters()}.values()                  # tied embeddings once
+    n_alpha = sum(m.weight.numel() for layer in model.layers for m in (layer.get_submodule(n) for n in LINEARS))
+    meta = {"ckpt": a.ckpt, "model": model_shape(model.args), "dataset": a.dataset, "nsamples": a.nsamples,
+            "seqlen": a.seqlen, "seed": a.seed, "dtype": a.dtype, "alpha_dtype": a.alpha_dtype,
+            "streamed": a.stream, "processes": world,
+            "seconds": round(seconds, 1), "seconds_per_sequence": round(seconds * world / a.nsamples, 2),
+            "mean_loss": sum(losses) / len(losses),
+            "model_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "alpha_gib": n_alpha * DTYPES[a.alpha_dtype].itemsize / 2**30,
+            "rss_after_load_gib": round(rss_loaded, 3), "peak_rss_gib": round(rss_gib(peak=True), 3)}
+    if device.type == "cuda":
+        meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return meta
+
+
 def main(a):
     from cli import DTYPES, check_writable, write_json
     from data import calib_windows
@@ -408,18 +426,7 @@ def main(a):
         dist.all_gather_object(every, losses)
         losses = [x for part in every for x in part]
     seconds = time.time() - t0
-    params = {id(p): p for p in model.parameters()}.values()                  # tied embeddings once
-    n_alpha = sum(m.weight.numel() for layer in model.layers for m in (layer.get_submodule(n) for n in LINEARS))
-    meta = {"ckpt": a.ckpt, "model": model_shape(model.args), "dataset": a.dataset, "nsamples": a.nsamples,
-            "seqlen": a.seqlen, "seed": a.seed, "dtype": a.dtype, "alpha_dtype": a.alpha_dtype,
-            "streamed": a.stream, "processes": world,
-            "seconds": round(seconds, 1), "seconds_per_sequence": round(seconds * world / a.nsamples, 2),
-            "mean_loss": sum(losses) / len(losses),
-            "model_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
-            "alpha_gib": n_alpha * DTYPES[a.alpha_dtype].itemsize / 2**30,
-            "rss_after_load_gib": round(rss_loaded, 3), "peak_rss_gib": round(rss_gib(peak=True), 3)}
-    if device.type == "cuda":
-        meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    meta = run_meta(a, model, losses, seconds, world, rss_loaded, device)
     if rank == 0:
         write_json(out / "saliency.json", {"format": FORMAT, **meta, "blocks": sorted(stats, key=lambda b: b["block"])})
         print(f"saliency of {model.args.n_layers} blocks from {a.nsamples} x {a.seqlen} tokens in {seconds:.0f} s "
