@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import DTYPES, arg, as_flags, check_writable, peak_memory_gib, reset_peak_memory, result_settings, write_json
+from cli import (DTYPES, arg, as_flags, check_device, check_writable, peak_memory_gib, reset_peak_memory, result_settings,
+                 with_default_dtype, write_json)
 from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears, use_qweights, weight_errors
 from qmodel import INITS, check_linears, linear_part, linear_tensors, load, require_fp, round_kept_params, save_quantized
@@ -107,7 +108,7 @@ def make_config(**given) -> Config:
     if given.get("quick") and given.get("long"):
         raise ValueError("--quick and --long are two recipes: give one")
     preset = QUICK if given.get("quick") else LONG if given.get("long") else {}
-    return Config(**preset | given)
+    return Config(**with_default_dtype(preset | given))
 
 
 # ---- the objective of one optimizer step
@@ -330,20 +331,27 @@ def start_or_resume(out: Path, settings: dict) -> list:
     return old["blocks"]
 
 
-def to_host(qb):
+def to_host(qb, stored):
     """The calibrated block as kept until the final save: on the host, packed codes only (no
-    fp W, no cached Q(W)), so the host never holds a second full copy of the model."""
-    qb = qb.cpu()
+    fp W, no cached Q(W)), so the host never holds a second full copy of the model; its norms are
+    the stored block's own (not the copies rounded to a bf16 --dtype)."""
     for _, m in quant_linears(qb):
-        m.weight = None
+        m.weight = None                          # dropped before the copy: nothing but codes crosses
         m.drop_cache()
         m.A.grad = m.B.grad = None
+    qb = qb.cpu()
+    for name in ("attention_norm", "ffn_norm"):
+        getattr(qb, name).weight = getattr(stored, name).weight
     return qb
 
 
 def block_log(l, qb, fp_block, Xq_next, Y, mse_before, retries, t0, device, linears, penalty):
-    mse_after = (Xq_next.float() - Y.float()).pow(2).mean().item()
-    target_ms = Y.float().pow(2).mean().item()
+    sq_err = sq_ref = 0.0
+    for i in range(0, len(Y), PASS_BATCH):       # in chunks: no fp32 copy of all of (n, T, dim) on the device
+        y = Y[i:i + PASS_BATCH].float()
+        sq_err += (Xq_next[i:i + PASS_BATCH].float() - y).pow(2).sum().item()
+        sq_ref += y.pow(2).sum().item()
+    mse_after, target_ms = sq_err / Y.numel(), sq_ref / Y.numel()
     log = {"block": l, "mse_before": mse_before, "mse_after": mse_after, "target_ms": target_ms,
            "rel_before": mse_before / target_ms, "rel_after": mse_after / target_ms,
            "weight_error": math.sqrt(sum(r["error"] ** 2 for r in weight_errors(qb, fp_block))),
@@ -371,9 +379,11 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
     """The block loop (steps 1-4 of the paper's procedure). Returns the per-block logs, or None
     when --stop-after stopped it early."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
-    # activations live on the device when 4 copies fit in half its free memory, else on the host
-    act_bytes = 4 * tokens.numel() * model.args.dim * dtype.itemsize
-    cache = device if device.type == "cuda" and act_bytes < 0.5 * torch.cuda.mem_get_info()[0] else torch.device("cpu")
+    # activations live on the device when the copies alive at once (X, Xq, Y, Y2, Xq_next and
+    # run_block's concatenation) fit in half its free memory, else on the host
+    act_bytes = 6 * tokens.numel() * model.args.dim * dtype.itemsize
+    cache = device if device.type == "cuda" and act_bytes < 0.5 * torch.cuda.mem_get_info(device)[0] else \
+        torch.device("cpu")
     # bf16 / fp16: weights and cached activations in that dtype, matmuls under autocast (CUDA and CPU
     # alike); the clipping logits, A, B, the rounding offsets and AdamW's state stay fp32 (QuantLinear),
     # the RMSNorm statistic and the losses are taken in fp32
@@ -393,6 +403,7 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
             raise FloatingPointError(f"block {l}: the full-precision block's outputs overflow --dtype {cfg.dtype} "
                                      f"(largest finite value {torch.finfo(dtype).max:.4g})" +
                                      (": use --dtype bf16" if dtype == torch.float16 else ""))
+        Y2 = None
         if l < len(done):                                                         # finished earlier: replay
             qb = load_block(out, l, fp_block, cfg, device)
             Xq_next = run_block(qb, Xq, freqs, device, ctx, X.dtype)
@@ -409,8 +420,8 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
             save_block(out, l, qb)
             write_json(out / "progress.json", {"settings": result_settings(cfg), "blocks": logs})
             print_log(logs[-1], n_layers, logs[-2]["target_ms"] if l > 0 else None)
-        model.layers[l] = to_host(qb)                                             # 4. freeze, move on
-        del fp_block, qb
+        model.layers[l] = to_host(qb, model.layers[l])                            # 4. freeze, move on
+        del fp_block, qb, Y2
         X, Xq = Y, Xq_next
         if cfg.stop_after and l + 1 - len(done) >= cfg.stop_after and l + 1 < n_layers:
             print(f"stopped after {cfg.stop_after} block(s) as asked; the same command continues from block {l + 1}")
@@ -427,6 +438,7 @@ def check_config(cfg):
         raise ValueError("--nsamples, --seqlen, --epochs, --batch-size and --loftq-iters must be positive, --rank >= 0")
     if cfg.rank == 0 and cfg.method not in ("rtn",):
         raise ValueError(f"--method {cfg.method} needs a LoRA rank > 0")
+    check_device(cfg.device, DTYPES[cfg.dtype])
 
 
 def method_name(cfg) -> str:
@@ -477,7 +489,8 @@ def main(cfg: Config):
     t0 = time.time()
     if cfg.method in INITS:
         from qmodel import quantize_model
-        quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha, cfg.loftq_iters)
+        quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha, cfg.loftq_iters,
+                       device=cfg.device, cache=False)
     else:
         tokens = calib_windows(tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.data_dir)  # (n, T)
         penalty = make_penalty(model, cfg.saliency, cfg.sal_lambda, cfg.sal_multiplier, cfg.sal_variant,

@@ -25,6 +25,27 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def with_default_dtype(given: dict) -> dict:
+    """--dtype, when not given, follows --device: bf16 on a GPU, fp32 on the CPU (`--device cpu` on
+    a machine with a GPU is fp32, like the same command on a machine without one)."""
+    device = torch.device(given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return given if given.get("dtype") else given | {"dtype": "bf16" if device.type == "cuda" else "fp32"}
+
+
+def check_device(device, dtype=None):
+    """One line instead of a CUDA traceback: no GPU, a GPU index that is not there, bf16 on a GPU
+    without it (T4, V100: emulated and slow)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU here (use --device cpu)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 (use --dtype fp16 or fp32)")
+
+
 def run(main, *args):
     try:
         return main(*args)
@@ -85,7 +106,7 @@ def check_writable(directory):
 
 def reset_peak_memory(device):
     if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     else:
         try:  # Linux: writing 5 resets the resident high-water mark VmHWM
             Path("/proc/self/clear_refs").write_text("5")
@@ -96,7 +117,7 @@ def reset_peak_memory(device):
 def peak_memory_gib(device) -> float:
     """Peak since reset_peak_memory: device memory on CUDA, resident host memory on CPU."""
     if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
+        return torch.cuda.max_memory_allocated(device) / 2**30
     try:
         status = Path("/proc/self/status").read_text()
         return int(status.split("VmHWM:")[1].split()[0]) / 2**20            # kB

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import DTYPES, arg, parse_config, run, write_json
+from cli import DTYPES, arg, check_device, parse_config, run, with_default_dtype, write_json
 from data import DATASETS, ppl_windows
 from llama import check_seqlen
 from tasks import ACC_NORM, TASKS, item_requests, load_task
@@ -232,7 +232,8 @@ class Config:
     packed: bool = arg(False, "keep a quantized model's codes packed in memory and dequantize each linear in its "
                        "forward (2-bit: ~2.6 bits a weight instead of 32; a little slower)")
     device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda")
-    dtype: str = arg("fp32", "weight and activation dtype", choices=tuple(DTYPES))
+    dtype: str = arg("bf16" if ON_GPU else "fp32", "weight and activation dtype (the GPTQ protocol: a GPU's half "
+                     "precision)", choices=tuple(DTYPES))
     threads: Optional[int] = arg(None, "torch CPU threads (default: torch's choice)", type=int)
     json: Optional[str] = arg(None, "write the results and this config to this JSON file")
 
@@ -314,6 +315,7 @@ def main(cfg: Config):
     tasks = list(TASKS) if "all" in tasks else tasks
     if cfg.seqlen <= 0 or any(n is not None and n <= 0 for n in (cfg.limit, cfg.task_limit)) or cfg.error_windows <= 0:
         raise ValueError("--seqlen, --limit, --task-limit and --error-windows must be positive")
+    check_device(cfg.device, DTYPES[cfg.dtype])
     if cfg.max_new_tokens <= 0 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError("--max-new-tokens must be positive, --temperature >= 0, --top-p in (0, 1]")
     items = {name: load_task(name, cfg.data_dir)[: cfg.task_limit or cfg.limit] for name in tasks}  # fail early
@@ -357,4 +359,4 @@ def main(cfg: Config):
 if __name__ == "__main__":
     run(lambda: main(parse_config(Config, "Perplexity (GPTQ protocol), zero-shot accuracy (lm-eval protocol), errors "
                                   "against full precision and generation, for a checkpoint or a quantized model.",
-                                  sys.argv[1:])))
+                                  sys.argv[1:], lambda **given: Config(**with_default_dtype(given)))))

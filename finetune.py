@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (DTYPES, arg, as_flags, atomic_write, check_writable, peak_memory_gib, reset_peak_memory,
-                 result_settings, write_json)
+from cli import (DTYPES, arg, as_flags, atomic_write, check_device, check_writable, peak_memory_gib,
+                 reset_peak_memory, result_settings, with_default_dtype, write_json)
 from data import ppl_windows, train_windows
 from llama import check_seqlen
 from lora import LoraLinear, adapters, is_quantized, swap_linears
@@ -77,14 +77,14 @@ class Config:
     out: Optional[str] = arg(None, "output directory (default <ckpt>-ft, -ft-kd with --loss kd)", result=False)
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
     device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
-    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and activations (A, B and AdamW stay fp32)",
-                     choices=tuple(DTYPES))
+    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and activations (A, B and AdamW stay fp32; no fp16: "
+                     "its gradients underflow without loss scaling)", choices=("fp32", "bf16"))
     threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
 
 
 def make_config(**given) -> Config:
     """Config from the given settings, --quick's recipe filling what was not given."""
-    return Config(**(QUICK if given.get("quick") else {}) | given)
+    return Config(**with_default_dtype((QUICK if given.get("quick") else {}) | given))
 
 
 # ---- the loss of one forward pass
@@ -199,9 +199,14 @@ def save_model(cfg, model, tok, out, source, summary):
                    for k in ("A", "B")}
         atomic_write(out / "adapters.safetensors", lambda tmp: save_file(tensors, tmp))
         return
+    from safetensors import safe_open
+
+    from qmodel import is_kept
     made = {k: v for k, v in source.items() if k not in ("format", "model_args", "tied_embeddings", "linears")}
+    with safe_open(str(Path(cfg.ckpt) / "model.safetensors"), framework="pt") as f:   # frozen: the start's own bytes
+        kept = {k: f.get_tensor(k) for k in f.keys() if is_kept(k)}                  # (not rounded to a bf16 --dtype)
     save_quantized(model, tok, out, {**made, "method": f"{source['method']}+ft-{cfg.loss}",
-                                     "finetuned": {"from": str(cfg.ckpt), **result_settings(cfg), **summary}})
+                                     "finetuned": {"from": str(cfg.ckpt), **result_settings(cfg), **summary}}, kept)
 
 
 def held_out(model, tok, cfg) -> dict:
@@ -269,6 +274,7 @@ def check_config(cfg):
         raise ValueError("--max-steps, --eval-limit and --lr must be positive, --wd >= 0")
     if output_dir(cfg).resolve() == Path(cfg.ckpt).resolve():
         raise ValueError("--out is the model being finetuned: choose another directory")
+    check_device(cfg.device, DTYPES[cfg.dtype])
 
 
 def main(cfg: Config):

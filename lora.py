@@ -223,7 +223,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):
         lora = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))  # (x A^T) B^T
-        return F.linear(x, self.weight.to(x.dtype), self.bias) + self.scaling * lora
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias) + self.scaling * lora
 
 
 def adapters(model) -> dict:

@@ -66,19 +66,26 @@ def check_linears(model, group_size):
 
 
 @torch.no_grad()
-def quantize_model(model, method, bits=2, group_size=64, rank=64, lora_alpha=16.0, loftq_iters=5):
+def quantize_model(model, method, bits=2, group_size=64, rank=64, lora_alpha=16.0, loftq_iters=5, device=None,
+                   cache=True):
     """Swap every block's seven linears for QuantLinear made by a data-free init, in place:
-    rtn = RTN with no adapter; qlora = RTN, B = 0; loftq = T alternating RTN / SVD steps."""
+    rtn = RTN with no adapter; qlora = RTN, B = 0; loftq = T alternating RTN / SVD steps.
+    device: where each block is quantized (LoftQ's SVDs on the GPU), one block at a time; the
+    model stays where it is. cache=False keeps only the codes (enough to save)."""
     if method not in INITS:
         raise ValueError(f"unknown init {method!r}: choose from {', '.join(INITS)}")
     validate(bits, group_size, group_size)
     check_linears(model, group_size)
     round_kept_params(model)
+    home = model.tok_embeddings.weight.device
     for block in tqdm(model.layers, desc=f"{method} w{bits}g{group_size}", unit="block", leave=False):
+        block.to(device or home)
         for m in swap_linears(block, lambda lin: init_linear(lin, method, bits, group_size, rank, lora_alpha,
                                                              loftq_iters)).values():
             m.weight = None        # W is not needed any more; Q(W) is in the codes
-            m.cache_qweight()
+            if cache:
+                m.cache_qweight()
+        block.to(home)
     return model
 
 
@@ -113,9 +120,10 @@ def save_tokenizer(tok, out: Path):
         raise ValueError(f"cannot save a tokenizer of type {type(tok).__name__}")
 
 
-def save_quantized(model, tok, out, info: dict):
+def save_quantized(model, tok, out, info: dict, kept: dict = None):
     """Write the directory described in the module docstring; `info` goes into apiq.json
-    (method, source checkpoint, settings). apiq.json is written last."""
+    (method, source checkpoint, settings). apiq.json is written last. kept: the embeddings,
+    norms and head to write as they are (default: the model's, in their storage dtype)."""
     from safetensors.torch import save_file
 
     from cli import atomic_write, write_json
@@ -123,7 +131,8 @@ def save_quantized(model, tok, out, info: dict):
     out.mkdir(parents=True, exist_ok=True)
     (out / "apiq.json").unlink(missing_ok=True)
     dt = keep_dtype(model)
-    tensors = {name: p.detach().to(dt).contiguous() for name, p in model.named_parameters() if is_kept(name)}
+    tensors = dict(kept) if kept is not None else \
+        {name: p.detach().to(dt).contiguous() for name, p in model.named_parameters() if is_kept(name)}
     linears = {}
     for name, m in quant_linears(model):
         tensors |= linear_tensors(name, m)

@@ -322,16 +322,28 @@ def make_penalty(model, saliency=None, sal_lambda=1.0, sal_multiplier=1.0, sal_v
 
 
 def process_group(device):
-    """(rank, world size) under torchrun (WORLD_SIZE > 1: the process group is started, gloo on
-    CPU, nccl on CUDA), else (0, 1). Ranks split the sequences and sum their alphas."""
+    """(rank, world size, this process's device) under torchrun (WORLD_SIZE > 1: the process
+    group is started; on CUDA each process takes GPU LOCAL_RANK, nccl between GPUs and gloo for
+    host tensors such as --alpha-device cpu; gloo on CPU), else (0, 1, device). Ranks split the
+    sequences and sum their alphas."""
     import os
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return 0, 1, device
     import torch.distributed as dist
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"torchrun process {local} has no GPU of its own ({torch.cuda.device_count()} here): "
+                             f"--nproc-per-node must be at most the number of GPUs")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)                 # before the group: collectives use this GPU
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
+        if device.type == "cuda":
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank(), world, device
 
 
 def check_ranks_agree(model, windows, device):
@@ -362,12 +374,12 @@ def run_meta(a, model, losses, seconds, world, rss_loaded, device) -> dict:
             "alpha_gib": n_alpha * DTYPES[a.alpha_dtype].itemsize / 2**30,
             "rss_after_load_gib": round(rss_loaded, 3), "peak_rss_gib": round(rss_gib(peak=True), 3)}
     if device.type == "cuda":
-        meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return meta
 
 
 def main(a):
-    from cli import DTYPES, check_writable, write_json
+    from cli import DTYPES, check_device, check_writable, write_json
     from data import calib_windows
     from llama import check_seqlen
     from qmodel import load, require_fp
@@ -381,11 +393,9 @@ def main(a):
     check_writable(out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
-    rank, world = process_group(device)
-    if world > 1 and device.type == "cuda":
-        import os
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    a.dtype = a.dtype or ("bf16" if torch.device(a.device).type == "cuda" else "fp32")
+    check_device(a.device, DTYPES[a.dtype])
+    rank, world, device = process_group(torch.device(a.device))
     dtype = DTYPES[a.dtype]
     if rank == 0:
         print("config:", json.dumps(vars(a)))
@@ -431,8 +441,8 @@ def main(a):
         write_json(out / "saliency.json", {"format": FORMAT, **meta, "blocks": sorted(stats, key=lambda b: b["block"])})
         print(f"saliency of {model.args.n_layers} blocks from {a.nsamples} x {a.seqlen} tokens in {seconds:.0f} s "
               f"({meta['seconds_per_sequence']} s a sequence per process, mean loss {meta['mean_loss']:.3f}); peak RSS "
-              f"{meta['peak_rss_gib']:.2f} GiB (model {meta['model_gib']:.2f}, alpha {meta['alpha_gib']:.2f}); "
-              f"saved {out}")
+              f"{meta['peak_rss_gib']:.2f} GiB (model {meta['model_gib']:.2f}, alpha {meta['alpha_gib']:.2f})" +
+              (f", peak GPU memory {meta['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in meta else "") + f"; saved {out}")
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -454,8 +464,9 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0, help="seed of the window sampler")
     p.add_argument("--data-dir", default=None, help="local data directory (default $APIQ_DATA_DIR or ../shared/data)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"],
-                   help="model weights and activations (no fp16: its squared gradients underflow)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                   help="model weights and activations (default: bf16 on a GPU, fp32 on the CPU; no fp16: its squared "
+                        "gradients underflow)")
     p.add_argument("--alpha-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="accumulators and saved alpha (bf16 halves their memory, a few %% rounding error)")
     p.add_argument("--alpha-device", default=None, help="where the accumulators live (default --device; cpu frees GPU memory)")

@@ -176,7 +176,10 @@ def test_bf16_calibration_on_cpu_runs_in_bf16_and_lands_near_fp32(tiny_ckpt, tmp
         cfg = calibrate.make_config(ckpt=str(tiny_ckpt), bits=3, group_size=32, rank=8, nsamples=4, seqlen=64,
                                     epochs=4, dtype=dtype, lr_clip=1e-2, lr_lora=2e-3, out=str(tmp_path / dtype))
         model, _ = load(str(tiny_ckpt), dtype=None)
-        return calibrate.calibrate_blocks(model, tokens, cfg, tmp_path / dtype, [], None)
+        norms = [b.ffn_norm.weight for b in model.layers]
+        logs = calibrate.calibrate_blocks(model, tokens, cfg, tmp_path / dtype, [], None)
+        assert all(b.ffn_norm.weight is n for b, n in zip(model.layers, norms))    # the stored norms, not bf16 copies
+        return logs
 
     fp32 = run("fp32")
     seen, forward = set(), QuantLinear.forward
