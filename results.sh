@@ -6,6 +6,7 @@
 #   bash results.sh list            # the step names
 #   OUT=out/demo ITEMS=0 bash results.sh calib-bw-w2 ...    # what demo.sh runs
 #   FT_LOSS=kd bash results.sh ft-apiq-bw-w2                # finetune.py --loss kd from OUT/apiq-bw-w2
+#   bash results.sh study-none-w2-s0 study-r0.3-w2-s1       # the saliency study (Cao & Aref Tables 1-2): below
 #
 # Calibration uses calibrate.py --quick (RECIPE=--long for the long one; `calibrate.py --help` shows
 # what each sets; the paper: 128 x 2048 tokens, 20 epochs). Perplexity is on the first LIMIT windows of 2048 tokens of WikiText-2 test and of C4,
@@ -21,6 +22,8 @@ ITEMS=${ITEMS:-50}           # zero-shot items per task (0: none)
 THREADS=${THREADS:-1}        # torch threads per process (1 lets two steps share 2 cores)
 SAL_LAMBDA=${SAL_LAMBDA:-1}  # the paper's lambda (multiplier 1)
 FT_LOSS=${FT_LOSS:-ce}       # finetune.py --loss: ce (paper) or kd (ft-* steps write NAME-ft-kd)
+STUDY_LIMIT=${STUDY_LIMIT:-40}  # saliency study: WikiText-2 test and C4 windows per model
+STUDY_ITEMS=${STUDY_ITEMS:-0}   # saliency study: zero-shot items per task (0: none)
 FT_TAG=$([ "$FT_LOSS" = kd ] && echo -kd || true)
 mkdir -p "$OUT"
 
@@ -46,9 +49,46 @@ for b in 2 3; do STEPS+=(eval-apiq-bw-w$b eval-apiq-lw-w$b eval-apiq-bw-sal-afte
 for b in 2 3; do for m in qlora loftq apiq-lw apiq-bw apiq-bw-sal-after; do STEPS+=(ft-$m-w$b); done; done
 STEPS+=(ft-fp figures figures-ft table)
 
+# The saliency study: study-<config>-w<bits>-s<seed> calibrates (--quick, --seed) into OUT/study/
+# and evaluates WikiText-2 and C4 (STUDY_LIMIT windows; STUDY_ITEMS zero-shot items). <config>:
+#   none          plain ApiQ-bw
+#   lam<L>        the paper's raw penalty, lambda = L (lam1: the paper's setting)
+#   r<R>          scale-free: the penalty starts at R x the block's MSE (--sal-ratio R)
+# with any of these in front: before- (BeforeLoRA; default AfterLoRA), c4- (alpha from C4:
+# step sal-c4), l2- (alpha_i = 1, the naive penalty), m<M>- (multiplier M). E.g. study-c4-r0.3-w2-s1.
+study() {
+  local name=$1 rest=${1##*-w}; local spec=${1%-w*} b=${rest%-s*} seed=${rest#*-s}
+  local args=(--bits "$b" --seed "$seed") sal="$OUT/saliency" variant=after strength=$spec mult
+  while :; do case $strength in
+      before-*) variant=before; strength=${strength#before-} ;;
+      c4-*) sal="$OUT/saliency-c4"; strength=${strength#c4-} ;;
+      l2-*) sal=; strength=${strength#l2-} ;;
+      m[0-9]*-*) mult=${strength%%-*}; args+=(--sal-multiplier "${mult#m}"); strength=${strength#*-} ;;
+      *) break ;;
+  esac; done
+  local pen=(--weight-penalty 1)
+  [ -n "$sal" ] && pen=(--saliency "$sal")
+  case $strength in
+    none) pen=() ;;
+    lam[0-9]*) if [ -n "$sal" ]; then pen+=(--sal-lambda "${strength#lam}"); else pen=(--weight-penalty "${strength#lam}"); fi ;;
+    r[0-9]*) pen+=(--sal-ratio "${strength#r}") ;;
+    *) echo "results.sh: study step '$1': <config>-w<bits>-s<seed>, config none, lam<L> or r<R> with before-, c4-, l2-, m<M>- in front" >&2
+       exit 2 ;;
+  esac
+  [ ${#pen[@]} -gt 0 ] && pen+=(--sal-variant "$variant")
+  calib "study/$name" "${args[@]}" "${pen[@]}"
+  local zs=()
+  [ "$STUDY_ITEMS" -gt 0 ] && zs=(--tasks all --task-limit "$STUDY_ITEMS")
+  evaluate "study/$name" --ckpt "$OUT/study/$name" --ppl wikitext2,c4 --limit "$STUDY_LIMIT" --threads "$THREADS" "${zs[@]}"
+}
+
 step() {
   case $1 in
     sal) [ -f "$OUT/saliency/saliency.json" ] || say python saliency.py --threads "$THREADS" --out "$OUT/saliency" ;;
+    sal-c4) [ -f "$OUT/saliency-c4/saliency.json" ] || say python saliency.py --dataset c4 --threads "$THREADS" \
+        --out "$OUT/saliency-c4" ;;
+    study-*-w[0-9]-s[0-9]*) study "${1#study-}" ;;
+    figures-study) say python plots/saliency_study.py "$OUT/study" ;;
     calib-bw-w[0-9]) calib "apiq-bw-w${1#calib-bw-w}" --bits "${1#calib-bw-w}" ;;
     calib-lw-w[0-9]) calib "apiq-lw-w${1#calib-lw-w}" --method lw --bits "${1#calib-lw-w}" ;;
     calib-rtn-w[0-9]|calib-qlora-w[0-9]|calib-loftq-w[0-9]) local m=${1#calib-}; m=${m%-w*}

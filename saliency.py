@@ -235,6 +235,33 @@ def check_saliency(path, model) -> dict:
     return meta
 
 
+class WeightedDistance(torch.autograd.Function):
+    """sum_i alpha_i (w_i - W_eff,i)^2 with W_eff = q + s B A (B, A given: AfterLoRA) or q
+    (BeforeLoRA), alpha None: alpha_i = 1. Its gradients are written out, the same as autograd's
+    (tests/test_saliency.py), in half the passes over the block's weights: with r = w - W_eff,
+
+        d/dq = -2 alpha r,   d/dB = s (d/dq) A^T,   d/dA = s B^T (d/dq)."""
+
+    @staticmethod
+    def forward(ctx, w, q, alpha, B, A, s):
+        r = w.float() - q.float()                                            # (out, in)
+        if B is not None:
+            r = torch.addmm(r, B, A, alpha=-s)                               # w - q - s B A
+        ar = r if alpha is None else alpha * r
+        ctx.save_for_backward(ar, B, A)
+        ctx.s, ctx.q_dtype = s, q.dtype
+        return torch.dot(ar.flatten(), r.flatten())
+
+    @staticmethod
+    def backward(ctx, g):
+        ar, B, A = ctx.saved_tensors
+        gq = ar * (-2 * g)                                                   # (out, in)
+        gB = gA = None
+        if B is not None:
+            gB, gA = (gq @ A.T) * ctx.s, (B.T @ gq) * ctx.s                  # (out, r), (r, in)
+        return None, gq.to(ctx.q_dtype), None, gB, gA, None
+
+
 class SaliencyPenalty:
     """The second term of eq. (2) for block l:
 
@@ -278,10 +305,9 @@ class SaliencyPenalty:
         an fp32 scalar tensor; qs: their Q(W), as the step's forward applied them."""
         total = 0.0
         for (name, m), q in zip(linears.items(), qs):
-            w_eff = q.float() + m.lora_weight() if self.variant == "after" else q.float()  # (out, in)
-            d2 = (m.weight.float() - w_eff).square()                                    # (out, in)
             alphas = self.alphas(l, m.weight.device)
-            total = total + (d2 if alphas is None else alphas[name] * d2).sum()
+            lora = (m.B, m.A, m.scaling) if self.variant == "after" else (None, None, 0.0)   # W_eff = q + s B A or q
+            total = total + WeightedDistance.apply(m.weight, q, None if alphas is None else alphas[name], *lora)
         return total
 
     def __call__(self, l, linears, qs):

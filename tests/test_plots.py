@@ -101,3 +101,27 @@ def test_errors_against_independent_computations(tiny_ckpt, data_dir):
         assert row["rel"] == pytest.approx(diff.pow(2).sum().item() / fp.pow(2).sum().item(), rel=1e-4)
     assert got[0]["rel"] > 0
     assert all(r["mse"] == 0 for r in activation_errors(ref, ref, x[:1]))   # a model against itself
+
+
+def test_saliency_study_table_and_figure(tiny_ckpt, tmp_path):
+    """plots/saliency_study.py on study results made by calibrate.py + evaluate.py (2 configurations
+    x 2 seeds of the tiny model): its mean +- std equal numpy's over the JSONs, and a PNG."""
+    import json
+
+    import numpy as np
+    d = tmp_path / "study"
+    for config, pen in (("none", []), ("l2-r1", ["--weight-penalty", "1", "--sal-ratio", "1"])):
+        for seed in (0, 1):
+            name = f"{config}-w2-s{seed}"
+            sh("calibrate.py", "--ckpt", tiny_ckpt, "--rank", "8", *SMALL, "--nsamples", "2", "--seqlen", "32",
+               "--epochs", "1", "--seed", seed, *pen, "--out", d / name)
+            sh("evaluate.py", "--ckpt", d / name, "--ppl", "wikitext2,c4", "--seqlen", "64", "--limit", "1",
+               "--threads", "1", "--json", d / f"{name}.json")
+    png = tmp_path / "study.png"
+    out = sh("plots/saliency_study.py", d, "--out", png).stdout
+    for config in ("none", "l2-r1"):
+        ppl = [json.loads((d / f"{config}-w2-s{s}.json").read_text())["ppl"] for s in (0, 1)]
+        c4, gap = np.array([p["c4"] for p in ppl]), np.array([p["c4"] - p["wikitext2"] for p in ppl])
+        row = next(ln for ln in out.splitlines() if ln.startswith(f"| 2 | {config} |"))
+        assert f"{c4.mean():.2f} +- {c4.std(ddof=1):.2f}" in row and f"{gap.mean():.2f} +- {gap.std(ddof=1):.2f}" in row
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

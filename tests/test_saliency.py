@@ -109,6 +109,23 @@ def test_penalty_gradient_reaches_what_the_variant_says(tiny_saliency, variant):
         assert all(g is None or torch.equal(g, torch.zeros_like(g)) for g in g_lora)
 
 
+@pytest.mark.parametrize("variant,weighted", [("after", True), ("before", True), ("after", False)])
+def test_written_out_gradients_equal_autograd(variant, weighted):
+    """WeightedDistance's hand-written backward against autograd through the plain formula."""
+    from saliency import WeightedDistance
+    g = torch.Generator().manual_seed(3)
+    w, alpha = torch.randn(48, 32, generator=g), torch.rand(48, 32, generator=g) if weighted else None
+    q, B, A = (torch.randn(*s, generator=g).requires_grad_() for s in ((48, 32), (48, 8), (8, 32)))
+    lora = (B, A, 0.7) if variant == "after" else (None, None, 0.0)
+    got = WeightedDistance.apply(w, q, alpha, *lora)
+    w_eff = q + 0.7 * B @ A if variant == "after" else q
+    want = ((1 if alpha is None else alpha) * (w - w_eff) ** 2).sum()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    params = [q, B, A] if variant == "after" else [q]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_lambda_l_is_lambda_times_multiplier_to_the_l(tiny_saliency):
     model, out, _, _ = tiny_saliency
     qb = quant_block(model)

@@ -1,0 +1,133 @@
+"""The saliency study (Cao & Aref Tables 1-2 on SmolLM2): mean +- std over calibration seeds of
+WikiText-2 and C4 perplexity, their gap (C4 - WikiText-2: overfitting to the calibration text),
+average zero-shot accuracy and calibration minutes, per configuration; the figure: C4 perplexity,
+the gap and accuracy against the penalty's strength.
+
+    bash results.sh study-none-w2-s0 study-r0.3-w2-s0 ...    # fills out/results/study/
+    python plots/saliency_study.py out/results/study         # -> table on stdout, figures/saliency_study.png
+
+Reads, for every `<config>-w<bits>-s<seed>.json` (evaluate.py --json) in the directory, that JSON
+and the model's `calib_log.json` (penalty / MSE per block). A configuration's name is the
+results.sh study step's without the seed: none, lam<L> (the paper's raw lambda), r<R> (the
+scale-free ratio) with before-, c4-, l2-, m<M>- in front.
+"""
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from common import parser, plt, read_json, save
+
+NAME = re.compile(r"(?P<config>.+)-w(?P<bits>\d+)-s(?P<seed>\d+)\.json")
+
+
+def strength(config: str):
+    """('raw' | 'ratio' | None, value, the prefixes) of a configuration name."""
+    *prefix, last = config.split("-")
+    if last == "none":
+        return None, 0.0, prefix
+    kind = "raw" if last.startswith("lam") else "ratio"
+    return kind, float(last.removeprefix("lam").removeprefix("r")), prefix
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def fmt(m, s, digits=2):
+    if m is None:
+        return "-"
+    return f"{m:.{digits}f}" + (f" +- {s:.{digits}f}" if s is not None else "")
+
+
+def collect(d: Path) -> dict:
+    """{(bits, config): [one dict per seed]}."""
+    runs = defaultdict(list)
+    for f in sorted(d.glob("*.json")):
+        m = NAME.fullmatch(f.name)
+        if not m:
+            continue
+        r = read_json(f)
+        ppl, log_path = r.get("ppl", {}), d / f.stem / "calib_log.json"
+        blocks = read_json(log_path)["blocks"] if log_path.is_file() else []
+        made = read_json(d / f.stem / "apiq.json") if (d / f.stem / "apiq.json").is_file() else {}
+        runs[(int(m["bits"]), m["config"])].append({
+            "seed": int(m["seed"]), "wikitext2": ppl.get("wikitext2"), "c4": ppl.get("c4"),
+            "gap": ppl["c4"] - ppl["wikitext2"] if "c4" in ppl and "wikitext2" in ppl else None,
+            "acc": 100 * r["zeroshot_avg"] if "zeroshot_avg" in r else None,
+            "items": r.get("config", {}).get("task_limit"),
+            "minutes": made.get("calibration_seconds", 0) / 60 or None,
+            "pen": [b.get("penalty_over_mse") for b in blocks]})
+    return runs
+
+
+def table(runs: dict) -> list:
+    rows = []
+    print("| bits | configuration | seeds | WikiText-2 | C4 | C4 - WikiText-2 | avg zero-shot | calibrate (min) | "
+          "penalty / MSE at blocks 0, 12, last |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    order = lambda k: (k[0], strength(k[1])[2], strength(k[1])[0] or "", strength(k[1])[1])   # noqa: E731
+    for (bits, config) in sorted(runs, key=order):
+        rs = runs[(bits, config)]
+        stats = {k: mean_std([r[k] for r in rs]) for k in ("wikitext2", "c4", "gap", "acc", "minutes")}
+        pens = [r["pen"] for r in rs if r["pen"] and r["pen"][0] is not None]
+        pen = "-" if not pens else ", ".join(f"{statistics.fmean(p[i] for p in pens):.2g}"
+                                            for i in (0, min(12, len(pens[0]) - 1), len(pens[0]) - 1))
+        print(f"| {bits} | {config} | {len(rs)} | {fmt(*stats['wikitext2'])} | {fmt(*stats['c4'])} | "
+              f"{fmt(*stats['gap'])} | {fmt(*stats['acc'], 1)} | {fmt(*stats['minutes'], 1)} | {pen} |")
+        rows.append((bits, config, stats))
+    return rows
+
+
+def figure(rows, out):
+    """C4 perplexity, gap and accuracy against strength; one line per (bits, kind, prefixes),
+    plain ApiQ-bw as a band (mean +- std)."""
+    panels = [("c4", "C4 perplexity"), ("gap", "C4 - WikiText-2")]
+    if any(s["acc"][0] is not None for _, _, s in rows):
+        panels.append(("acc", "average zero-shot accuracy (%)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    lines = defaultdict(list)
+    for bits, config, stats in rows:
+        kind, value, prefix = strength(config)
+        if kind is not None:
+            lines[(bits, kind, "-".join(prefix))].append((value, stats))
+    for ax, (key, label) in zip(axes[0], panels):
+        for bits, config, stats in rows:
+            m, s = stats[key]
+            if config == "none" and m is not None:
+                ax.axhline(m, color="k", lw=1, label=f"w{bits} no penalty")
+                if s:
+                    ax.axhspan(m - s, m + s, color="k", alpha=0.1)
+        for (bits, kind, prefix), pts in sorted(lines.items()):
+            pts = sorted((v, st[key]) for v, st in pts if st[key][0] is not None)
+            if pts:
+                ax.errorbar([v for v, _ in pts], [m for _, (m, _) in pts], yerr=[s or 0 for _, (_, s) in pts],
+                            marker="o", capsize=3,
+                            label=f"w{bits} {prefix + ' ' if prefix else ''}{'lambda' if kind == 'raw' else 'ratio'}")
+        ax.set_xscale("log")
+        ax.set_xlabel("lambda (raw) or penalty / MSE at the block's start (ratio)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Saliency-aware weight preservation on SmolLM2-135M (mean +- std over calibration seeds)")
+    save(fig, out)
+
+
+def main(a):
+    d = Path(a.results)
+    if not d.is_dir():
+        raise NotADirectoryError(f"{d} does not exist: run bash results.sh study-<config>-w<bits>-s<seed> first")
+    runs = collect(d)
+    if not runs:
+        raise FileNotFoundError(f"no <config>-w<bits>-s<seed>.json in {d}: run the results.sh study steps first")
+    figure(table(runs), a.out)
+
+
+if __name__ == "__main__":
+    from cli import run
+    p = parser(__doc__, "saliency_study.png")
+    p.set_defaults(results="out/results/study")
+    run(main, p.parse_args())
