@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from cli import (DTYPES, arg, as_flags, check_device, check_writable, peak_memory_gib, reset_peak_memory, result_settings,
                  with_default_dtype, write_json)
-from llama import LINEARS, check_seqlen
+from llama import LINEARS, check_seqlen, release_pages
 from lora import QuantLinear, quant_linears, swap_linears, use_qweights, weight_errors
 from qmodel import INITS, check_linears, linear_part, linear_tensors, load, require_fp, round_kept_params, save_quantized
 
@@ -398,6 +398,7 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
         t0 = time.time()
         reset_peak_memory(device)
         fp_block = copy.deepcopy(model.layers[l]).to(device=device, dtype=dtype)
+        release_pages(model.layers[l])                    # copied: a mmap'd checkpoint's pages of it can go
         Y = run_block(fp_block, X, freqs, device, ctx, X.dtype)                   # 2. targets F(W, X)
         if not torch.isfinite(Y).all():
             raise FloatingPointError(f"block {l}: the full-precision block's outputs overflow --dtype {cfg.dtype} "

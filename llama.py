@@ -279,6 +279,33 @@ def load_pth(f: Path) -> dict:
                                      f"not a readable PyTorch checkpoint (truncated or corrupt: {str(e)[:80]})")) from None
 
 
+def release_pages(block):
+    """Give back the resident pages of a block's seven linear weights where they are a checkpoint
+    memory-mapped by load_pth and already copied (calibrate.py and saliency.py --stream copy one
+    block at a time): madvise(MADV_DONTNEED) on the whole pages inside each weight, so a 7B run keeps
+    ~one block of the file resident instead of all of it; a page touched again is read again from
+    the file. Only file-backed mappings and only the linear weights, which nothing writes (norms
+    may hold rounded copies). Linux; elsewhere nothing."""
+    import ctypes
+    import mmap
+    try:
+        maps = [ln.split(maxsplit=5) for ln in Path("/proc/self/maps").read_text().splitlines()]
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, AttributeError):
+        return
+    files = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps if len(m) == 6 and m[5].startswith("/")]
+    page = mmap.PAGESIZE
+    for name in LINEARS:
+        w = block.get_submodule(name).weight
+        if w is None or w.device.type != "cpu":
+            continue
+        start, end = w.data_ptr(), w.data_ptr() + w.numel() * w.element_size()
+        if any(lo <= start and end <= hi for lo, hi in files):
+            lo, hi = -(-start // page) * page, end // page * page          # whole pages inside the weight
+            if hi > lo:
+                libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)   # 4 = MADV_DONTNEED
+
+
 def meta_state_dict(path: Path):
     args = json.loads((path / "params.json").read_text())
     shards = sorted(path.glob("consolidated.*.pth"))

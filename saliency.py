@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llama import LINEARS
+from llama import LINEARS, release_pages
 
 FORMAT = "apiq-saliency-v1"
 SHAPE_KEYS = ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
@@ -130,7 +130,10 @@ def streamed_saliency(model, windows, device, dtype=None, alpha_dtype=torch.floa
     dtype = dtype or next(model.parameters()).dtype
 
     def on_device(module):                       # a frozen copy on the device; the model is not changed
-        return copy.deepcopy(module).to(device=device, dtype=dtype).requires_grad_(False)
+        copied = copy.deepcopy(module).to(device=device, dtype=dtype).requires_grad_(False)
+        if hasattr(module, "attention"):
+            release_pages(module)                # a block of a mmap'd checkpoint: its pages can go
+        return copied
 
     n, T = windows.shape
     freqs = model.freqs_cis(T, device)
