@@ -4,6 +4,7 @@ BeforeLoRA, interleaved in one run, 1 thread, r 64, g64, 2 bits, --aug-loss.
 
     python saliency.py --nsamples 16 --out out/saliency-smollm2     # once, if missing
     python bench/bench_penalty.py 2048                               # seqlen (256 = --quick)
+    python bench/bench_penalty.py 256 --quick --saliency out/results/saliency   # --quick's recipe
 """
 import statistics
 import sys
@@ -20,7 +21,10 @@ from llama import load  # noqa: E402
 from saliency import make_penalty  # noqa: E402
 
 torch.set_num_threads(1)
-T = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+argv = sys.argv[1:]
+QUICK = "--quick" in argv                                   # calibrate.py --quick's options, not the paper's
+SAL = argv[argv.index("--saliency") + 1] if "--saliency" in argv else "out/saliency-smollm2"
+T = int(argv[0]) if argv and argv[0].isdigit() else 2048
 model, tok = load("smollm2-135m")
 tokens = calib_windows(tok, 4, T, 0)
 freqs, ctx = model.freqs_cis(T, "cpu"), nullcontext()
@@ -28,18 +32,18 @@ with torch.no_grad():
     X = model.tok_embeddings(tokens)
 fp = model.layers[0]
 Y = calibrate.run_block(fp, X, freqs, "cpu", ctx, X.dtype)
-base = dict(bits=2, group_size=64, rank=64, epochs=2)  # the rest: calibrate.Config's (the paper's) defaults
+base = dict(bits=2, group_size=64, rank=64, epochs=2, quick=QUICK, seqlen=T)  # the rest: the paper's or --quick's
 res = {"plain": [], "after": [], "before": []}
-for r in range(3):  # round 0 is warm-up
+for r in range(5):  # round 0 is warm-up
     for k in res:
-        a = calibrate.make_config(**base, saliency=None if k == "plain" else "out/saliency-smollm2",
+        a = calibrate.make_config(**base, saliency=None if k == "plain" else SAL,
                                   sal_variant="after" if k == "plain" else k)
         pen = None if k == "plain" else make_penalty(model, a.saliency, a.sal_lambda, a.sal_multiplier, a.sal_variant)
         t = time.perf_counter()
-        calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", ctx, pen)
+        calibrate.calibrate_block(0, fp, X, X, Y, Y if a.aug_loss else None, freqs, a, "cpu", ctx, pen)
         if r:
             res[k].append((time.perf_counter() - t) / (a.epochs * len(X)))
 p = statistics.median(res["plain"])
 print("\n| seqlen | penalty | s/step (median) | ratio to none |\n|---|---|---|---|")
 for k, v in res.items():
-    print(f"| {T} | {k} | {statistics.median(v):.3f} | {statistics.median(v) / p:.2f} |")
+    print(f"| {T}{' --quick' if QUICK else ''} | {k} | {statistics.median(v):.3f} | {statistics.median(v) / p:.2f} |")
