@@ -382,7 +382,7 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
     # activations live on the device when the copies alive at once (X, Xq, Y, Y2, Xq_next and
     # run_block's concatenation) fit in half its free memory, else on the host
     act_bytes = 6 * tokens.numel() * model.args.dim * dtype.itemsize
-    cache = device if device.type == "cuda" and act_bytes < 0.5 * torch.cuda.mem_get_info(device)[0] else \
+    cache = device if device.type == "cuda" and act_bytes < 0.5 * torch.cuda.mem_get_info(device.index)[0] else \
         torch.device("cpu")
     # bf16 / fp16: weights and cached activations in that dtype, matmuls under autocast (CUDA and CPU
     # alike); the clipping logits, A, B, the rounding offsets and AdamW's state stay fp32 (QuantLinear),
@@ -439,7 +439,7 @@ def check_config(cfg):
         raise ValueError("--nsamples, --seqlen, --epochs, --batch-size and --loftq-iters must be positive, --rank >= 0")
     if cfg.rank == 0 and cfg.method not in ("rtn",):
         raise ValueError(f"--method {cfg.method} needs a LoRA rank > 0")
-    check_device(cfg.device, DTYPES[cfg.dtype])
+    check_device(cfg.device, DTYPES[cfg.dtype] if cfg.method not in INITS else None)   # the inits compute in fp32
 
 
 def method_name(cfg) -> str:

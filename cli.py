@@ -42,8 +42,9 @@ def check_device(device, dtype=None):
         raise ValueError(f"--device {device}: torch sees no CUDA GPU here (use --device cpu)")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ValueError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 (use --dtype fp16 or fp32)")
+    if dtype == torch.bfloat16 and not torch.version.hip and torch.cuda.get_device_capability(device) < (8, 0):
+        raise ValueError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no native bf16 (before Ampere): "
+                         f"give --dtype fp32")
 
 
 def run(main, *args):

@@ -76,10 +76,10 @@ study() {
        exit 2 ;;
   esac
   [ ${#pen[@]} -gt 0 ] && pen+=(--sal-variant "$variant")
-  calib "study/$name" "${args[@]}" "${pen[@]}"
+  calib "study/$name" "${args[@]}" ${pen[@]+"${pen[@]}"}            # (bash 3.2: no empty "${a[@]}" under set -u)
   local zs=()
   [ "$STUDY_ITEMS" -gt 0 ] && zs=(--tasks all --task-limit "$STUDY_ITEMS")
-  evaluate "study/$name" --ckpt "$OUT/study/$name" --ppl wikitext2,c4 --limit "$STUDY_LIMIT" --threads "$THREADS" "${zs[@]}"
+  evaluate "study/$name" --ckpt "$OUT/study/$name" --ppl wikitext2,c4 --limit "$STUDY_LIMIT" --threads "$THREADS" ${zs[@]+"${zs[@]}"}
 }
 
 step() {

@@ -246,6 +246,8 @@ class WeightedDistance(torch.autograd.Function):
         d/dq = -2 alpha r,   d/dB = s (d/dq) A^T,   d/dA = s B^T (d/dq)."""
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)                                    # fp32 whatever the caller's context
     def forward(ctx, w, q, alpha, B, A, s):
         r = w.float() - q.float()                                            # (out, in)
         if B is not None:
@@ -369,7 +371,9 @@ def process_group(device):
         torch.cuda.set_device(device)                 # before the group: collectives use this GPU
     if not dist.is_initialized():
         if device.type == "cuda":
-            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+            import inspect
+            bind = {"device_id": device} if "device_id" in inspect.signature(dist.init_process_group).parameters else {}
+            dist.init_process_group("cpu:gloo,cuda:nccl", **bind)
         else:
             dist.init_process_group("gloo")
     return dist.get_rank(), world, device

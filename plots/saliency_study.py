@@ -19,20 +19,27 @@ from pathlib import Path
 from common import parser, plt, read_json, save
 
 NAME = re.compile(r"(?P<config>.+)-w(?P<bits>\d+)-s(?P<seed>\d+)\.json")
+NUMBER = r"\d[\d.]*(?:e[+-]?\d+)?"
+CONFIG = re.compile(rf"(?P<prefix>(?:(?:before|c4|l2|m{NUMBER})-)*)(?:(?P<none>none)|(?P<kind>lam|r)(?P<value>{NUMBER}))")
 
 
 def strength(config: str):
-    """('raw' | 'ratio' | None, value, the prefixes) of a configuration name."""
-    *prefix, last = config.split("-")
-    if last == "none":
+    """('raw' | 'ratio' | None, value, [prefixes]) of a configuration name, as results.sh reads it
+    (lam1e-3 and m1.3- included)."""
+    m = CONFIG.fullmatch(config)
+    if not m:
+        raise ValueError(f"{config}: not a study configuration (none, lam<L> or r<R>, with before-, c4-, l2-, "
+                         f"m<M>- in front)")
+    prefix = [p for p in re.findall(rf"(before|c4|l2|m{NUMBER})-", m["prefix"])]
+    if m["none"]:
         return None, 0.0, prefix
-    kind = "raw" if last.startswith("lam") else "ratio"
-    return kind, float(last.removeprefix("lam").removeprefix("r")), prefix
+    return ("raw" if m["kind"] == "lam" else "ratio"), float(m["value"]), prefix
 
 
 def mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
+    """(mean, sample std) over the seeds; (None, None) unless every seed has the value, so that
+    every column of a row averages the same seeds."""
+    if not xs or any(x is None for x in xs):
         return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 

@@ -124,6 +124,8 @@ def test_written_out_gradients_equal_autograd(variant, weighted):
     params = [q, B, A] if variant == "after" else [q]
     for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                     # inside a bf16 context: still fp32
+        torch.testing.assert_close(WeightedDistance.apply(w, q, alpha, *lora), got, rtol=1e-6, atol=0)
 
 
 def test_lambda_l_is_lambda_times_multiplier_to_the_l(tiny_saliency):
