@@ -31,7 +31,9 @@ counted. LoftQ and ApiQ also keep fp32 LoRA factors (rank 64) beside the N-bit c
 
 Results: OUT/peers.json (rows: method, bits, minutes, wikitext2, c4, notes; written atomically
 after every row) and a Markdown table. A row already in peers.json with the same --limit,
---c4-limit and --smoke is not redone; ours also reuse a finished OUT/models/<row> directory.
+--c4-limit and --smoke is not redone; ours reuse a finished OUT/models/<row> directory, the peers
+their dequantized weights OUT/models/<row>-w<bits>.safetensors (with the minutes they took), so a
+second evaluation (more windows, C4) does not quantize again.
 A missing peer library is skipped with the pip command that installs it (requirements-bench.txt).
 """
 import argparse
@@ -367,6 +369,29 @@ def run_ours(row, method, bits, flags, a):
     return d, spent["seconds"], note
 
 
+def run_peer(row, method, bits, fp_model, tok, a):
+    """(dequantized weights, seconds, notes) of a peer: quantized here, or read back from
+    OUT/models/<row>-w<bits>.safetensors, which the first run writes (with its seconds), so that an
+    evaluation with another --limit or --c4-limit does not quantize again."""
+    from safetensors.torch import load_file, save_file
+
+    from cli import atomic_write
+    f = a.out / "models" / f"{row}-w{bits}{'-smoke' if a.smoke else ''}.safetensors"
+    if f.exists():
+        from safetensors import safe_open
+        with safe_open(str(f), framework="pt") as g:
+            meta = g.metadata()
+        print(f"  the weights from {f} ({float(meta['seconds']) / 60:.1f} min when made)", flush=True)
+        return load_file(str(f)), float(meta["seconds"]), meta["notes"]
+    t0 = time.time()
+    weights, notes = PEERS[method](fp_model, tok, bits, a)
+    seconds = time.time() - t0
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous() for k, v in weights.items()}
+    atomic_write(f, lambda tmp: save_file(tensors, tmp, metadata={"seconds": str(seconds), "notes": notes}))
+    return weights, seconds, notes
+
+
 def our_rows(method, a):
     """[(row name, calibrate.py --method, extra flags)] for one of our --methods entries."""
     if method in ("rtn", "loftq"):
@@ -473,10 +498,8 @@ def main(a):
                         notes = " ".join(["calibrate.py --method", cal_method, *flags]) + lora
                         notes += f"; {extra}" if extra else ""
                     else:                                        # a peer: dequantized weights into our model
-                        t0 = time.time()
-                        weights, notes = PEERS[method](fp_model, tok, bits, a)
+                        weights, seconds, notes = run_peer(row, method, bits, fp_model, tok, a)
                         model = with_linears(fp_model, weights, bits)
-                        seconds = time.time() - t0
                         del weights
                     save(key, seconds / 60, evaluate_ppl(model, windows, f"{row} w{bits}"), notes)
                     del model
