@@ -104,24 +104,28 @@ def test_errors_against_independent_computations(tiny_ckpt, data_dir):
 
 
 def test_saliency_study_table_and_figure(tiny_ckpt, tmp_path):
-    """plots/saliency_study.py on study results made by calibrate.py + evaluate.py (2 configurations
-    x 2 seeds of the tiny model): its mean +- std equal numpy's over the JSONs, and a PNG."""
+    """plots/saliency_study.py on study results made by calibrate.py + evaluate.py (plain x 2 seeds,
+    the naive penalty x 1, tiny model): its mean +- std equal numpy's over the JSONs, and a PNG."""
     import json
 
     import numpy as np
+
+    import calibrate
+    import evaluate
     d = tmp_path / "study"
-    for config, pen in (("none", []), ("l2-r1", ["--weight-penalty", "1", "--sal-ratio", "1"])):
-        for seed in (0, 1):
-            name = f"{config}-w2-s{seed}"
-            sh("calibrate.py", "--ckpt", tiny_ckpt, "--rank", "8", *SMALL, "--nsamples", "2", "--seqlen", "32",
-               "--epochs", "1", "--seed", seed, *pen, "--out", d / name)
-            sh("evaluate.py", "--ckpt", d / name, "--ppl", "wikitext2,c4", "--seqlen", "64", "--limit", "1",
-               "--threads", "1", "--json", d / f"{name}.json")
+    runs = [("none", 0, {}), ("none", 1, {}), ("l2-r1", 0, dict(weight_penalty=1.0, sal_ratio=1.0))]
+    for config, seed, pen in runs:
+        name = f"{config}-w2-s{seed}"
+        calibrate.main(calibrate.make_config(ckpt=str(tiny_ckpt), rank=8, group_size=32, threads=1, nsamples=2,
+                                             seqlen=32, epochs=1, seed=seed, out=str(d / name), **pen))
+        evaluate.main(evaluate.Config(ckpt=str(d / name), ppl="wikitext2,c4", seqlen=64, limit=1, threads=1,
+                                      json=str(d / f"{name}.json")))
     png = tmp_path / "study.png"
     out = sh("plots/saliency_study.py", d, "--out", png).stdout
-    for config in ("none", "l2-r1"):
-        ppl = [json.loads((d / f"{config}-w2-s{s}.json").read_text())["ppl"] for s in (0, 1)]
-        c4, gap = np.array([p["c4"] for p in ppl]), np.array([p["c4"] - p["wikitext2"] for p in ppl])
-        row = next(ln for ln in out.splitlines() if ln.startswith(f"| 2 | {config} |"))
-        assert f"{c4.mean():.2f} +- {c4.std(ddof=1):.2f}" in row and f"{gap.mean():.2f} +- {gap.std(ddof=1):.2f}" in row
+    ppl = [json.loads((d / f"none-w2-s{s}.json").read_text())["ppl"] for s in (0, 1)]
+    c4, gap = np.array([p["c4"] for p in ppl]), np.array([p["c4"] - p["wikitext2"] for p in ppl])
+    row = next(ln for ln in out.splitlines() if ln.startswith("| 2 | none | 2 |"))
+    assert f"{c4.mean():.2f} +- {c4.std(ddof=1):.2f}" in row and f"{gap.mean():.2f} +- {gap.std(ddof=1):.2f}" in row
+    one = json.loads((d / "l2-r1-w2-s0.json").read_text())["ppl"]
+    assert f"| 2 | l2-r1 | 1 | {one['wikitext2']:.2f} | {one['c4']:.2f} |" in out        # one seed: no +-
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
