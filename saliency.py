@@ -412,7 +412,7 @@ def run_meta(a, model, losses, seconds, world, rss_loaded, device) -> dict:
 
 
 def main(a):
-    from cli import DTYPES, check_device, check_writable, write_json
+    from cli import DTYPES, check_device, check_writable, with_default_dtype, write_json
     from data import calib_windows
     from llama import check_seqlen
     from qmodel import load, require_fp
@@ -426,7 +426,7 @@ def main(a):
     check_writable(out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    a.dtype = a.dtype or ("bf16" if torch.device(a.device).type == "cuda" else "fp32")
+    a.dtype = with_default_dtype(vars(a))["dtype"]                           # bf16 on a GPU, fp32 on the CPU
     check_device(a.device, DTYPES[a.dtype])
     rank, world, device = process_group(torch.device(a.device))
     dtype = DTYPES[a.dtype]

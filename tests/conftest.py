@@ -15,6 +15,27 @@ sys.path.insert(0, str(ROOT))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops on a shared CPU: two intra-op threads fighting other jobs were 10x slower than one.
+    A module takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def quantize_tiny(ckpt, out, method, bits):
+    """calibrate.py --method <a data-free init> on a tiny test model (group 32, rank 8): a quantized
+    model directory made by the script itself."""
+    import subprocess
+    r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", str(ckpt), "--method", method, "--bits", str(bits),
+                        "--group-size", "32", "--rank", "8", "--threads", "1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def missing(why):
     if IN_CI:
         pytest.fail(f"CI=true but {why}")

@@ -12,12 +12,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_inputs(model):
@@ -56,16 +51,12 @@ def test_saliency_in_bf16_accumulates_fp32_alpha_close_to_fp32(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def tiny_qlora(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bf16") / "qlora"
-    r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", str(tiny_ckpt), "--method", "loftq", "--bits", "3",
-                        "--group-size", "32", "--rank", "8", "--threads", "1", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+def tiny_loftq(tiny_ckpt, tmp_path_factory):
+    from conftest import quantize_tiny
+    return quantize_tiny(tiny_ckpt, tmp_path_factory.mktemp("bf16") / "loftq", "loftq", 3)
 
 
-def test_finetune_in_bf16_keeps_adapters_and_adamw_in_fp32(tiny_qlora, tmp_path, monkeypatch):
+def test_finetune_in_bf16_keeps_adapters_and_adamw_in_fp32(tiny_loftq, tmp_path, monkeypatch):
     import finetune
     from lora import QuantLinear
     states, Adam = [], torch.optim.AdamW
@@ -83,7 +74,7 @@ def test_finetune_in_bf16_keeps_adapters_and_adamw_in_fp32(tiny_qlora, tmp_path,
         return forward(self, x)
 
     def run(dtype):
-        cfg = finetune.make_config(ckpt=str(tiny_qlora), out=str(tmp_path / dtype), seqlen=64, batch_size=2,
+        cfg = finetune.make_config(ckpt=str(tiny_loftq), out=str(tmp_path / dtype), seqlen=64, batch_size=2,
                                    grad_accum=1, epochs=1, max_steps=4, lr=3e-3, eval_limit=1, eval_seqlen=128,
                                    save_every=2, threads=1, dtype=dtype)
         finetune.main(cfg)
@@ -95,19 +86,19 @@ def test_finetune_in_bf16_keeps_adapters_and_adamw_in_fp32(tiny_qlora, tmp_path,
     assert seen == {(torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)}, seen
     assert states and all(s == {torch.float32} for s in states), states
     assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16[-1] < bf16[0]
-    saved, start = load_file(tmp_path / "bf16" / "model.safetensors"), load_file(tiny_qlora / "model.safetensors")
+    saved, start = load_file(tmp_path / "bf16" / "model.safetensors"), load_file(tiny_loftq / "model.safetensors")
     assert {v.dtype for k, v in saved.items() if k.endswith((".A", ".B"))} == {torch.float32}
     for k in start:                              # the frozen rest: the start's bytes, not rounded to bf16
         assert k.endswith((".A", ".B")) or (saved[k].dtype == start[k].dtype and torch.equal(saved[k], start[k])), k
 
 
-def test_evaluate_in_bf16_runs_in_bf16_near_fp32(tiny_ckpt, tiny_qlora):
+def test_evaluate_in_bf16_runs_in_bf16_near_fp32(tiny_ckpt, tiny_loftq):
     from data import ppl_windows
     from evaluate import perplexity
     from qmodel import load
     _, tok = load(str(tiny_ckpt))
     windows = ppl_windows("wikitext2", tok, 128)[:2]                             # (2, 128)
-    for ckpt, cache in ((tiny_ckpt, True), (tiny_qlora, True), (tiny_qlora, False)):
+    for ckpt, cache in ((tiny_ckpt, True), (tiny_loftq, True), (tiny_loftq, False)):
         ref = perplexity(load(str(ckpt), cache=cache)[0], windows)
         model, _ = load(str(ckpt), dtype=torch.bfloat16, cache=cache)
         seen, remove = linear_inputs(model)
@@ -117,8 +108,8 @@ def test_evaluate_in_bf16_runs_in_bf16_near_fp32(tiny_ckpt, tiny_qlora):
         assert got == pytest.approx(ref, rel=2e-2), (ckpt, cache)
 
 
-def test_evaluate_cli_accepts_bf16_on_cpu(tiny_qlora):
-    r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tiny_qlora), "--dtype", "bf16", "--packed",
+def test_evaluate_cli_accepts_bf16_on_cpu(tiny_loftq):
+    r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tiny_loftq), "--dtype", "bf16", "--packed",
                         "--limit", "1", "--seqlen", "128", "--threads", "1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wikitext2" in r.stdout

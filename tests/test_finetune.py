@@ -15,12 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_qlora(tiny_ckpt, tmp_path_factory):
     """QLoRA's start (Q = RTN(W), B = 0) of the tiny Llama: a quantized directory to finetune."""
-    out = tmp_path_factory.mktemp("ft") / "qlora"
-    r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", str(tiny_ckpt), "--method", "qlora", "--bits", "2",
-                        "--group-size", "32", "--rank", "8", "--threads", "1", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+    from conftest import quantize_tiny
+    return quantize_tiny(tiny_ckpt, tmp_path_factory.mktemp("ft") / "qlora", "qlora", 2)
 
 
 def config(ckpt, out, **kw):
