@@ -478,6 +478,7 @@ def main(a):
               (f", peak GPU memory {meta['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in meta else "") + f"; saved {out}")
     if world > 1:
         import torch.distributed as dist
+        dist.barrier()                                  # no rank tears its connections down while another reads
         dist.destroy_process_group()
     return out
 

@@ -226,18 +226,32 @@ def saliency_cmd(ckpt, out, *extra, procs=1):
             "--threads", "1", *extra]
 
 
+def run_launch(cmd, root):
+    """Run a saliency command. A torchrun whose worker died of SIGABRT is run once more, with a
+    warning that shows in the test summary: CI saw this once (the worker's message was cut off;
+    gloo aborts a process on a socket error) and 20 runs here, loaded or not, never did. An error of
+    ours exits with a code, not a signal, and is not retried. On failure the message keeps the head
+    of stderr (the workers' own lines) and its tail (the launcher's)."""
+    import subprocess
+    import warnings
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "Signal 6 (SIGABRT)" in r.stderr:
+        warnings.warn(f"a torchrun worker aborted (SIGABRT); ran again. Its stderr began: {r.stderr[:1500]}")
+        r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    r.message = r.stderr if len(r.stderr) < 5000 else r.stderr[:3000] + "\n[...]\n" + r.stderr[-2000:]
+    return r
+
+
 def test_two_gloo_processes_sum_to_the_same_alpha(tiny_ckpt, tmp_path):
     """torchrun with 2 CPU processes (gloo): each takes every other sequence, the sums are combined
     per block; the result equals one process's, streamed or not. Ranks given different data stop."""
-    import subprocess
     from pathlib import Path
     from safetensors.torch import load_file
     root = Path(__file__).resolve().parents[1]
     runs = {"one": ([], 1), "two": ([], 2), "two-streamed": (["--stream"], 2)}
     for name, (extra, procs) in runs.items():
-        r = subprocess.run(saliency_cmd(tiny_ckpt, tmp_path / name, *extra, procs=procs), cwd=root,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
+        r = run_launch(saliency_cmd(tiny_ckpt, tmp_path / name, *extra, procs=procs), root)
+        assert r.returncode == 0, r.message
     for l in range(4):
         one = load_file(tmp_path / "one" / f"block_{l:03d}.safetensors")
         for name in ("two", "two-streamed"):
@@ -252,8 +266,8 @@ def test_two_gloo_processes_sum_to_the_same_alpha(tiny_ckpt, tmp_path):
                         "runpy.run_path('saliency.py', run_name='__main__')\n")
     cmd = saliency_cmd(tiny_ckpt, tmp_path / "bad", procs=2)
     cmd[cmd.index("saliency.py")] = str(launcher)
-    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "ranks disagree on the model or the data" in r.stderr, r.stderr[-2000:]
+    r = run_launch(cmd, root)
+    assert r.returncode != 0 and "ranks disagree on the model or the data" in r.stderr, r.message
     assert not (tmp_path / "bad" / "saliency.json").exists()
 
 
