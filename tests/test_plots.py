@@ -128,4 +128,6 @@ def test_saliency_study_table_and_figure(tiny_ckpt, tmp_path):
     assert f"{c4.mean():.2f} +- {c4.std(ddof=1):.2f}" in row and f"{gap.mean():.2f} +- {gap.std(ddof=1):.2f}" in row
     one = json.loads((d / "l2-r1-w2-s0.json").read_text())["ppl"]
     assert f"| 2 | l2-r1 | 1 | {one['wikitext2']:.2f} | {one['c4']:.2f} |" in out        # one seed: no +-
+    vs = 100 * (one["c4"] / ppl[0]["c4"] - 1)                                              # paired with none's seed 0
+    assert f"| {one['c4'] - one['wikitext2']:.2f} | {vs:.1f} |" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
