@@ -379,6 +379,35 @@ def process_group(device):
     return dist.get_rank(), world, device
 
 
+def sum_over_ranks(block: dict, world: int) -> dict:
+    """Under torchrun, every rank's alpha of one block summed in place (each rank took its own
+    sequences, so the sums make the alpha of all of them)."""
+    if world > 1:
+        import torch.distributed as dist
+        for t in block.values():
+            dist.all_reduce(t)
+    return block
+
+
+def gather_losses(losses: list, world: int) -> list:
+    """Every rank's per-sequence losses, rank by rank (one rank: its own)."""
+    if world == 1:
+        return losses
+    import torch.distributed as dist
+    every = [None] * world
+    dist.all_gather_object(every, losses)
+    return [x for part in every for x in part]
+
+
+def leave_group(world: int):
+    """End the process group; the barrier first, so no rank tears its connections down while
+    another still reads."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def check_ranks_agree(model, windows, device):
     """Every rank must hold the same model and the same windows, else their sums mean nothing."""
     import torch.distributed as dist
@@ -448,10 +477,7 @@ def main(a):
 
     def finish_block(l, block):
         """Sum block l's alpha over the processes; rank 0 writes it (streamed: as soon as it is done)."""
-        if world > 1:
-            import torch.distributed as dist
-            for t in block.values():
-                dist.all_reduce(t)
+        sum_over_ranks(block, world)
         if rank == 0:
             stats.append(save_block(out, l, block))
         return None if a.stream else block
@@ -462,12 +488,7 @@ def main(a):
         sal = compute_saliency(model, mine, device, DTYPES[a.alpha_dtype], a.alpha_device)
         for l, block in enumerate(sal.alphas):
             finish_block(l, block)
-    losses = sal.losses
-    if world > 1:
-        import torch.distributed as dist
-        every = [None] * world
-        dist.all_gather_object(every, losses)
-        losses = [x for part in every for x in part]
+    losses = gather_losses(sal.losses, world)
     seconds = time.time() - t0
     meta = run_meta(a, model, losses, seconds, world, rss_loaded, device)
     if rank == 0:
@@ -476,10 +497,7 @@ def main(a):
               f"({meta['seconds_per_sequence']} s a sequence per process, mean loss {meta['mean_loss']:.3f}); peak RSS "
               f"{meta['peak_rss_gib']:.2f} GiB (model {meta['model_gib']:.2f}, alpha {meta['alpha_gib']:.2f})" +
               (f", peak GPU memory {meta['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in meta else "") + f"; saved {out}")
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()                                  # no rank tears its connections down while another reads
-        dist.destroy_process_group()
+    leave_group(world)
     return out
 
 
