@@ -7,6 +7,8 @@
 #   OUT=out/demo ITEMS=0 bash results.sh calib-bw-w2 ...    # what demo.sh runs
 #   FT_LOSS=kd bash results.sh ft-apiq-bw-w2                # finetune.py --loss kd from OUT/apiq-bw-w2
 #   bash results.sh study-none-w2-s0 study-r0.3-w2-s1       # the saliency study (Cao & Aref Tables 1-2): below
+#   bash results.sh peers           # the headline table: every method and peer (bench/bench_peers.py)
+#   PPL= bash results.sh eval-apiq-bw-w2     # activation/weight errors (+ zero-shot) only, for the figures
 #
 # Calibration uses calibrate.py --quick (RECIPE=--long for the long one; `calibrate.py --help` shows
 # what each sets; the paper: 128 x 2048 tokens, 20 epochs). Perplexity is on the first LIMIT windows of 2048 tokens of WikiText-2 test and of C4,
@@ -17,7 +19,8 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || bash setup.sh
 . .venv/bin/activate
 OUT=${OUT:-out/results}      # JSON results, saved models, saliency
-LIMIT=${LIMIT:-10}           # perplexity windows per dataset (full WikiText-2 test: 148)
+LIMIT=${LIMIT:-40}           # perplexity windows per dataset (full WikiText-2 test: 148)
+PPL=${PPL-wikitext2,c4}      # perplexity datasets of the eval-* steps ('': none; the peers step has them all)
 ITEMS=${ITEMS:-50}           # zero-shot items per task (0: none)
 THREADS=${THREADS:-1}        # torch threads per process (1 lets two steps share 2 cores)
 SAL_LAMBDA=${SAL_LAMBDA:-1}  # the paper's lambda (multiplier 1)
@@ -28,7 +31,7 @@ FT_TAG=$([ "$FT_LOSS" = kd ] && echo -kd || true)
 mkdir -p "$OUT"
 
 say() { echo "+ $*" >&2; "$@"; }
-EVAL=(--limit "$LIMIT" --threads "$THREADS")   # + --errors where quantized
+EVAL=(--ppl "$PPL" --limit "$LIMIT" --threads "$THREADS")   # + --errors where quantized
 [ "$ITEMS" -gt 0 ] && EVAL+=(--tasks all --task-limit "$ITEMS")   # ITEMS=0: perplexity only
 
 calib() {  # calib <name> <calibrate.py args...>: every quantized model, ApiQ or a data-free init
@@ -47,7 +50,7 @@ STEPS+=(eval-fp)
 for b in 2 3 4; do STEPS+=(eval-rtn-w$b eval-qlora-w$b eval-loftq-w$b); done
 for b in 2 3; do STEPS+=(eval-apiq-bw-w$b eval-apiq-lw-w$b eval-apiq-bw-sal-after-w$b eval-apiq-bw-sal-before-w$b); done
 for b in 2 3; do for m in qlora loftq apiq-lw apiq-bw apiq-bw-sal-after; do STEPS+=(ft-$m-w$b); done; done
-STEPS+=(ft-fp figures figures-ft table)
+STEPS+=(ft-fp peers figures figures-ft table)
 
 # The saliency study: study-<config>-w<bits>-s<seed> calibrates (--quick, --seed) into OUT/study/
 # and evaluates WikiText-2 and C4 (STUDY_LIMIT windows; STUDY_ITEMS zero-shot items). <config>:
@@ -98,6 +101,21 @@ step() {
       calib "apiq-bw-sal-$variant-w$b" --bits "$b" --saliency "$OUT/saliency" --sal-lambda "$SAL_LAMBDA" \
         --sal-variant "$variant" ;;
     eval-fp) evaluate fp "${EVAL[@]}" ;;
+    # every method and peer on the same windows, with its quantization minutes (bench/bench_peers.py,
+    # resumable, its own models under OUT/peers/models: the quick models made above are linked, not
+    # made again); 2 and 3 bits with every peer, 4 bits with ours
+    peers) mkdir -p "$OUT/peers/models"
+      for b in 2 3 4; do
+        for pair in apiq-bw:apiq-quick loftq:loftq rtn:rtn; do
+          if [ -f "$OUT/${pair%%:*}-w$b/apiq.json" ] && [ ! -e "$OUT/peers/models/${pair#*:}-w$b" ]; then
+            ln -s "../../${pair%%:*}-w$b" "$OUT/peers/models/${pair#*:}-w$b"
+          fi
+        done
+      done
+      say python bench/bench_peers.py --bits 2,3 --limit "$LIMIT" --apiq-budgets quick,64x512x2,long \
+        --threads "$THREADS" --out "$OUT/peers"
+      say python bench/bench_peers.py --methods fp,rtn,loftq,apiq --bits 4 --limit "$LIMIT" --apiq-budgets quick \
+        --threads "$THREADS" --out "$OUT/peers" ;;
     # QLoRA's init is RTN with B = 0: its outputs are RTN's exactly, so only its errors are measured
     eval-qlora-w[0-9]) evaluate "qlora-w${1##*-w}" --ckpt "$OUT/qlora-w${1##*-w}" --ppl '' --errors --threads "$THREADS" ;;
     eval-rtn-w[0-9]|eval-loftq-w[0-9]|eval-apiq-*) local name=${1#eval-}
@@ -123,7 +141,12 @@ step() {
         say python plots/weight_error.py "$OUT" --bits $b
         say python plots/adapters.py "$OUT" --bits $b
       done
-      say python plots/ppl_bits.py "$OUT" ;;
+      if [ -f "$OUT/peers/peers.json" ]; then   # the headline rows, the peers included
+        say python plots/ppl_bits.py "$OUT/peers"
+        say python plots/peers.py "$OUT/peers"
+      else
+        say python plots/ppl_bits.py "$OUT"
+      fi ;;
     table) python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

@@ -33,7 +33,8 @@ Results: OUT/peers.json (rows: method, bits, minutes, wikitext2, c4, notes; writ
 after every row) and a Markdown table. A row already in peers.json with the same --limit,
 --c4-limit and --smoke is not redone; ours reuse a finished OUT/models/<row> directory, the peers
 their dequantized weights OUT/models/<row>-w<bits>.safetensors (with the minutes they took), so a
-second evaluation (more windows, C4) does not quantize again.
+second evaluation (more windows, C4) does not quantize again. Two runs with different --methods or
+--bits may share OUT (two single-thread lanes): each reads peers.json again before it adds a row.
 A missing peer library is skipped with the pip command that installs it (requirements-bench.txt).
 """
 import argparse
@@ -459,6 +460,8 @@ def main(a):
     def save(key, minutes, evaluated, notes):
         ppl, problems = evaluated
         notes = "; ".join([notes, *problems])
+        if path.exists():                                    # rows another run (a second lane) saved meanwhile
+            rows.update({(r["method"], r["bits"]): r for r in json.loads(path.read_text()).get("rows", [])})
         rows[key] = dict(method=key[0], bits=key[1], minutes=round(minutes, 3), wikitext2=ppl["wikitext2"],
                          c4=ppl["c4"], notes=notes, **same)
         write_json(path, {"model": "smollm2-135m", "group_size": GROUP, "seqlen": SEQLEN,

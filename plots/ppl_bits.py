@@ -2,8 +2,12 @@
 
     python plots/ppl_bits.py out/results                    # -> figures/ppl_bits.png
 
-Reads every `<method>-w<bits>.json` and `fp.json` written by `evaluate.py --json`. QLoRA's init is
-RTN with B = 0, so its perplexity is RTN's line. Perplexity spans decades at 2 bits: log scale.
+    python plots/ppl_bits.py out/results/peers              # bench/bench_peers.py's rows, peers included
+
+Reads every `<method>-w<bits>.json` and `fp.json` written by `evaluate.py --json`, or, where the
+directory holds bench/bench_peers.py's `peers.json`, its rows (one line per row name: apiq-quick,
+autoround, ...). QLoRA's init is RTN with B = 0, so its perplexity is RTN's line. Perplexity spans
+decades at 2 bits: log scale.
 """
 from pathlib import Path
 
@@ -11,19 +15,41 @@ from common import METHODS, load_results, parser, plt, read_json, save
 
 BITS = range(1, 9)
 DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation"}
+PEERS = ("hqq", "gptq", "autoround")
 
 
-def main(a):
+def from_evaluate(results: str) -> tuple[dict, dict, dict]:
+    """({method: {dataset: [(bits, ppl, windows)]}}, {dataset: fp ppl}, labels) from evaluate.py's JSONs."""
     by_method = {}
     for bits in BITS:
-        for m, r in load_results(a.results, METHODS, bits).items():
+        for m, r in load_results(results, METHODS, bits).items():
             for ds, ppl in r.get("ppl", {}).items():
                 by_method.setdefault(m, {}).setdefault(ds, []).append((bits, ppl, r["config"].get("limit")))
     by_method = {m: by_method[m] for m in METHODS if m in by_method}   # legend in the paper's order
+    fp = Path(results) / "fp.json"
+    return by_method, read_json(fp).get("ppl", {}) if fp.is_file() else {}, METHODS
+
+
+def from_peers(path: Path) -> tuple[dict, dict, dict]:
+    """The same from bench/bench_peers.py's peers.json: one line per row name."""
+    by_method, fp = {}, {}
+    for r in read_json(path).get("rows", []):
+        for ds in DATASETS:
+            if r.get(ds) is None:
+                continue
+            windows = r["limit"] if ds == "wikitext2" else r["c4_limit"]
+            if r["method"] == "fp":
+                fp[ds] = r[ds]
+            else:
+                by_method.setdefault(r["method"], {}).setdefault(ds, []).append((r["bits"], r[ds], windows))
+    return by_method, fp, {m: m for m in by_method}
+
+
+def main(a):
+    peers = Path(a.results) / "peers.json"
+    by_method, fp, labels = from_peers(peers) if peers.is_file() else from_evaluate(a.results)
     if not by_method:
-        raise FileNotFoundError(f"no <method>-w<bits>.json with perplexities in {a.results}")
-    fp = Path(a.results) / "fp.json"
-    fp = read_json(fp).get("ppl", {}) if fp.is_file() else {}
+        raise FileNotFoundError(f"no <method>-w<bits>.json or peers.json rows with perplexities in {a.results}")
     shown = [ds for ds in DATASETS if any(ds in v for v in by_method.values())]
     fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4.4), squeeze=False)
     limits = set()
@@ -32,7 +58,9 @@ def main(a):
             if ds in v:
                 pts = sorted(v[ds])
                 limits.update(p[2] for p in pts)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=METHODS[m])
+                peer = m.split("-")[0] in PEERS                 # bench_peers rows: the other tools dashed
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if peer else "-",
+                        label=labels[m])
         if ds in fp:
             ax.axhline(fp[ds], color="black", linestyle="--", linewidth=1, label=f"full precision ({fp[ds]:.2f})")
         ax.set(yscale="log", xlabel="weight bits", ylabel="perplexity (log)", title=DATASETS[ds])

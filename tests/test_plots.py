@@ -131,3 +131,20 @@ def test_saliency_study_table_and_figure(tiny_ckpt, tmp_path):
     vs = 100 * (one["c4"] / ppl[0]["c4"] - 1)                                              # paired with none's seed 0
     assert f"| {one['c4'] - one['wikitext2']:.2f} | {vs:.1f} |" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppl_bits_from_bench_peers_rows(tmp_path):
+    """plots/ppl_bits.py on a bench_peers.py results directory: one line per row name, full
+    precision from the fp row, the window counts of the rows in the title."""
+    import json
+    rows = [dict(method="fp", bits=32, minutes=0.0, wikitext2=20.4, c4=None, limit=40, c4_limit=0)]
+    rows += [dict(method=m, bits=b, minutes=1.0, wikitext2=p * 100 ** (3 - b), c4=None, limit=40, c4_limit=0)
+             for m, p in (("rtn", 60.0), ("apiq-quick", 27.0), ("autoround", 28.0)) for b in (2, 3)]
+    (tmp_path / "peers.json").write_text(json.dumps({"rows": rows}))
+    png = tmp_path / "ppl_bits.png"
+    r = sh("plots/ppl_bits.py", tmp_path, "--out", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in r.stdout
+    (tmp_path / "peers.json").write_text(json.dumps({"rows": rows[:1]}))   # full precision only: nothing to draw
+    bad = subprocess.run([sys.executable, "plots/ppl_bits.py", str(tmp_path), "--out", str(tmp_path / "x.png")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and not (tmp_path / "x.png").exists()
