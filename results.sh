@@ -112,7 +112,7 @@ step() {
           fi
         done
       done
-      say python bench/bench_peers.py --bits 2,3 --limit "$LIMIT" --apiq-budgets quick,64x512x2,long \
+      say python bench/bench_peers.py --bits 2,3 --limit "$LIMIT" --apiq-budgets quick,64x512x2,64x512x3,long \
         --threads "$THREADS" --out "$OUT/peers"
       say python bench/bench_peers.py --methods fp,rtn,loftq,apiq --bits 4 --limit "$LIMIT" --apiq-budgets quick \
         --threads "$THREADS" --out "$OUT/peers" ;;

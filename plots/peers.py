@@ -37,6 +37,8 @@ def main(a):
     if not bits:
         raise FileNotFoundError(f"no quantized rows with {a.dataset} perplexity in {path}")
     methods = list(dict.fromkeys(r["method"] for r in rows))              # in peers.json's order
+    key = "limit" if a.dataset == "wikitext2" else "c4_limit"
+    most = max(r[key] for r in rows)                  # a row on fewer windows says so in its label
     fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4.6), squeeze=False)
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, b in zip(axes[0], bits):
@@ -44,7 +46,8 @@ def main(a):
             marker, filled = style(r["method"])
             c = colors[r["method"]]
             ax.scatter(r["minutes"], r[a.dataset], marker=marker, s=70, color=c if filled else "none",
-                       edgecolors=c, linewidths=1.5, label=r["method"], zorder=3)
+                       edgecolors=c, linewidths=1.5, zorder=3,
+                       label=r["method"] + ("" if r[key] == most else f" ({r[key]} windows)"))
         if fp is not None:
             ax.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"full precision ({fp:.2f})")
         ax.set(xscale="log", yscale="log", xlabel="quantization time (minutes, log)",

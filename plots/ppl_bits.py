@@ -42,7 +42,13 @@ def from_peers(path: Path) -> tuple[dict, dict, dict]:
                 fp[ds] = r[ds]
             else:
                 by_method.setdefault(r["method"], {}).setdefault(ds, []).append((r["bits"], r[ds], windows))
-    return by_method, fp, {m: m for m in by_method}
+    most = max((p[2] for v in by_method.values() for pts in v.values() for p in pts), default=None)
+    labels = {}                                       # a row on fewer windows says so in its label
+    for m, v in by_method.items():
+        for ds, pts in v.items():
+            fewer = [f"{b}-bit: {n}" for b, _, n in sorted(pts) if n != most]
+            labels[m, ds] = m + (f" ({', '.join(fewer)} windows)" if fewer else "")
+    return by_method, fp, labels
 
 
 def main(a):
@@ -60,7 +66,7 @@ def main(a):
                 limits.update(p[2] for p in pts)
                 peer = m.split("-")[0] in PEERS                 # bench_peers rows: the other tools dashed
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if peer else "-",
-                        label=labels[m])
+                        color=f"C{list(by_method).index(m) % 10}", label=labels.get((m, ds), labels.get(m)))
         if ds in fp:
             ax.axhline(fp[ds], color="black", linestyle="--", linewidth=1, label=f"full precision ({fp[ds]:.2f})")
         ax.set(yscale="log", xlabel="weight bits", ylabel="perplexity (log)", title=DATASETS[ds])
