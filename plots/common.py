@@ -25,6 +25,14 @@ METHODS = {  # file prefix -> label, in the paper's order
     "apiq-bw-sal-after": "ApiQ-bw + saliency (AfterLoRA)",
     "apiq-bw-sal-before": "ApiQ-bw + saliency (BeforeLoRA)",
 }
+DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation"}   # perplexity sets: their titles
+WINDOWS = {"wikitext2": "limit", "c4": "c4_limit"}   # bench_peers.py's peers.json: each set's window count
+PEERS = ("hqq", "gptq", "autoround")                 # bench_peers.py's other tools (ours: rtn, loftq, apiq)
+
+
+def family(method: str) -> str:
+    """A peers.json row's method family: apiq-quick -> apiq, autoround-lr5e-3 -> autoround."""
+    return method.split("-")[0]
 
 
 def parser(doc: str, png: str, methods: str = None) -> argparse.ArgumentParser:

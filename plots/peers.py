@@ -14,16 +14,14 @@ from pathlib import Path
 
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from common import parser, plt, read_json, save
+from common import DATASETS, PEERS, WINDOWS, family, parser, plt, read_json, save
 
-DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation"}
-# one marker per method family; this repo's methods filled, the peers hollow
-STYLE = {"rtn": ("s", True), "loftq": ("D", True), "apiq": ("o", True),
-         "hqq": ("^", False), "gptq": ("v", False), "autoround": ("P", False)}
+MARKERS = {"rtn": "s", "loftq": "D", "apiq": "o", "hqq": "^", "gptq": "v", "autoround": "P"}   # per family
 
 
 def style(method: str):
-    return STYLE.get(method.split("-")[0], ("x", True))    # apiq-quick, autoround-lr5e-3: their family
+    """(marker, filled): this repo's methods filled, the peers hollow."""
+    return MARKERS.get(family(method), "x"), family(method) not in PEERS
 
 
 def main(a):
@@ -37,7 +35,7 @@ def main(a):
     if not bits:
         raise FileNotFoundError(f"no quantized rows with {a.dataset} perplexity in {path}")
     methods = list(dict.fromkeys(r["method"] for r in rows))              # in peers.json's order
-    key = "limit" if a.dataset == "wikitext2" else "c4_limit"
+    key = WINDOWS[a.dataset]
     most = max(r[key] for r in rows)                  # a row on fewer windows says so in its label
     fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4.6), squeeze=False)
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
@@ -58,7 +56,7 @@ def main(a):
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    limits = sorted({str(r.get("limit" if a.dataset == "wikitext2" else "c4_limit")) for r in rows})
+    limits = sorted({str(r.get(key)) for r in rows})
     smoke = " (SMOKE budgets: not a result)" if any(r.get("smoke") for r in rows) else ""
     fig.suptitle(f"SmolLM2-135M: perplexity against quantization time (windows of 2048 tokens: "
                  f"{', '.join(limits)}){smoke}")

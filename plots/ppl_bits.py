@@ -11,11 +11,9 @@ decades at 2 bits: log scale.
 """
 from pathlib import Path
 
-from common import METHODS, load_results, parser, plt, read_json, save
+from common import DATASETS, METHODS, PEERS, WINDOWS, family, load_results, parser, plt, read_json, save
 
 BITS = range(1, 9)
-DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation"}
-PEERS = ("hqq", "gptq", "autoround")
 
 
 def from_evaluate(results: str) -> tuple[dict, dict, dict]:
@@ -37,7 +35,7 @@ def from_peers(path: Path) -> tuple[dict, dict, dict]:
         for ds in DATASETS:
             if r.get(ds) is None:
                 continue
-            windows = r["limit"] if ds == "wikitext2" else r["c4_limit"]
+            windows = r[WINDOWS[ds]]
             if r["method"] == "fp":
                 fp[ds] = r[ds]
             else:
@@ -57,6 +55,7 @@ def main(a):
     if not by_method:
         raise FileNotFoundError(f"no <method>-w<bits>.json or peers.json rows with perplexities in {a.results}")
     shown = [ds for ds in DATASETS if any(ds in v for v in by_method.values())]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(by_method)}         # one color a method in both panels
     fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4.4), squeeze=False)
     limits = set()
     for ax, ds in zip(axes[0], shown):
@@ -64,9 +63,9 @@ def main(a):
             if ds in v:
                 pts = sorted(v[ds])
                 limits.update(p[2] for p in pts)
-                peer = m.split("-")[0] in PEERS                 # bench_peers rows: the other tools dashed
+                peer = family(m) in PEERS                       # bench_peers rows: the other tools dashed
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if peer else "-",
-                        color=f"C{list(by_method).index(m) % 10}", label=labels.get((m, ds), labels.get(m)))
+                        color=colors[m], label=labels.get((m, ds), labels.get(m)))
         if ds in fp:
             ax.axhline(fp[ds], color="black", linestyle="--", linewidth=1, label=f"full precision ({fp[ds]:.2f})")
         ax.set(yscale="log", xlabel="weight bits", ylabel="perplexity (log)", title=DATASETS[ds])
