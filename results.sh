@@ -106,7 +106,7 @@ step() {
     # made again); 2 and 3 bits with every peer, 4 bits with ours
     peers) mkdir -p "$OUT/peers/models"
       for b in 2 3 4; do
-        for pair in apiq-bw:apiq-quick loftq:loftq rtn:rtn; do
+        for pair in apiq-bw:apiq-quick apiq-lw:apiq-lw loftq:loftq rtn:rtn; do
           if [ -f "$OUT/${pair%%:*}-w$b/apiq.json" ] && [ ! -e "$OUT/peers/models/${pair#*:}-w$b" ]; then
             ln -s "../../${pair%%:*}-w$b" "$OUT/peers/models/${pair#*:}-w$b"
           fi

@@ -1,6 +1,6 @@
 """The quantizers a user would otherwise pick, side by side with this repo's methods, on the
-embedded SmolLM2-135M: HQQ, GPTQ (GPTQModel) and AutoRound against RTN, LoftQ and ApiQ-bw
-(calibrate.py), all weight-only, asymmetric, groups of 64 inputs, evaluated with this repo's
+embedded SmolLM2-135M: HQQ, GPTQ (GPTQModel) and AutoRound against RTN, LoftQ, ApiQ-lw and
+ApiQ-bw (calibrate.py), all weight-only, asymmetric, groups of 64 inputs, evaluated with this repo's
 perplexity protocol (evaluate.perplexity) on the same WikiText-2 test and C4 windows.
 
     python bench/bench_peers.py --bits 2,3 --limit 40 --threads 1             # every method, resumable
@@ -11,6 +11,7 @@ Methods (--methods, comma-separated):
   fp         full precision: the reference (bits 32, minutes 0)
   rtn        calibrate.py --method rtn: round-to-nearest, no adapter
   loftq      calibrate.py --method loftq: 5 alternating RTN / SVD steps, rank-64 LoRA
+  apiq-lw    calibrate.py --method lw --quick (ApiQ-lw, layer by layer); rank-64 LoRA
   apiq       calibrate.py --method bw (ApiQ-bw), one row per --apiq-budgets entry (apiq-quick, ...);
              rank-64 LoRA
   hqq        hqq 0.2.x: Quantizer.quantize on each linear (half-quadratic solver, axis 1, settings of
@@ -52,7 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("fp", "rtn", "loftq", "apiq", "hqq", "gptq", "autoround")
+METHODS = ("fp", "rtn", "loftq", "apiq-lw", "apiq", "hqq", "gptq", "autoround")
 GROUP = 64                                              # inputs per scale and zero point, every method
 SEQLEN = 2048                                           # perplexity window (evaluate.py's protocol)
 GPTQ_CALIB = dict(nsamples=128, seqlen=512)             # GPTQ's 128 windows; 128 x 2048 exceeds the 68k
@@ -397,6 +398,8 @@ def our_rows(method, a):
     """[(row name, calibrate.py --method, extra flags)] for one of our --methods entries."""
     if method in ("rtn", "loftq"):
         return [(method, method, SMOKE[method] if a.smoke and method in SMOKE else [])]
+    if method == "apiq-lw":                                  # layer-wise ApiQ, the --quick recipe only
+        return [(method, "lw", ["--quick"] + (SMOKE["apiq"] if a.smoke else []))]
     # ApiQ-bw, one row per budget; under --smoke the tiny flags come after the preset's, and given
     # flags win over a preset's (calibrate.py: a preset fills only what was not given)
     return [(f"apiq-{b}", "bw", apiq_flags(b) + (SMOKE["apiq"] if a.smoke else [])) for b in a.budgets]
@@ -418,10 +421,16 @@ def evaluate_ppl(model, windows, label):
     return ppl, notes
 
 
+def family(method: str) -> str:
+    """A row's method family (as plots/common.py's): apiq-quick -> apiq, autoround-lr5e-3 ->
+    autoround; ApiQ-lw is its own."""
+    return "apiq-lw" if method.startswith("apiq-lw") else method.split("-")[0]
+
+
 def order(r):
     """Rows as the table and peers.json list them: fp first, then by bits, methods as in METHODS,
     ApiQ budgets by their minutes."""
-    base = r["method"].split("-")[0]                     # apiq-quick, autoround-lr5e-3: their family
+    base = family(r["method"])
     return (0 if base == "fp" else r["bits"], METHODS.index(base) if base in METHODS else len(METHODS),
             r["minutes"], r["method"])
 
@@ -487,7 +496,7 @@ def main(a):
         for method in a.methods:
             if method == "fp" or method in skipped:
                 continue
-            jobs = our_rows(method, a) if method in ("rtn", "loftq", "apiq") else [(method, None, None)]
+            jobs = our_rows(method, a) if method in ("rtn", "loftq", "apiq-lw", "apiq") else [(method, None, None)]
             for row, cal_method, flags in jobs:
                 key = (row, bits)
                 if done(key):

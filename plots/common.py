@@ -31,8 +31,9 @@ PEERS = ("hqq", "gptq", "autoround")                 # bench_peers.py's other to
 
 
 def family(method: str) -> str:
-    """A peers.json row's method family: apiq-quick -> apiq, autoround-lr5e-3 -> autoround."""
-    return method.split("-")[0]
+    """A peers.json row's method family: apiq-quick -> apiq, autoround-lr5e-3 -> autoround;
+    ApiQ-lw (row apiq-lw) is its own."""
+    return "apiq-lw" if method.startswith("apiq-lw") else method.split("-")[0]
 
 
 def parser(doc: str, png: str, methods: str = None) -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Perplexity against quantization minutes, log-log: this repo's methods and the peer quantizers.
 
-One marker per method (RTN, LoftQ, ApiQ filled; HQQ, GPTQ, AutoRound hollow), one panel per bit
+One marker per method (RTN, LoftQ, ApiQ-lw, ApiQ-bw filled; HQQ, GPTQ, AutoRound hollow), one panel per bit
 width, full precision as a reference line.
 
     python plots/peers.py out/peers                        # -> figures/peers.png
@@ -16,7 +16,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from common import DATASETS, PEERS, WINDOWS, family, parser, plt, read_json, save
 
-MARKERS = {"rtn": "s", "loftq": "D", "apiq": "o", "hqq": "^", "gptq": "v", "autoround": "P"}   # per family
+MARKERS = {"rtn": "s", "loftq": "D", "apiq-lw": "h", "apiq": "o", "hqq": "^", "gptq": "v", "autoround": "P"}   # per family
 
 
 def style(method: str):

@@ -148,3 +148,29 @@ def test_ppl_bits_from_bench_peers_rows(tmp_path):
     bad = subprocess.run([sys.executable, "plots/ppl_bits.py", str(tmp_path), "--out", str(tmp_path / "x.png")],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and not (tmp_path / "x.png").exists()
+
+
+def test_peers_plot_and_row_families(tmp_path, monkeypatch):
+    """plots/peers.py on bench_peers.py rows: ApiQ-lw is a family of its own (its own marker, not a
+    point of ApiQ-bw's budget curve), in the plots and in bench_peers.py's row order alike; the
+    peers hollow, ours filled."""
+    import json
+    for d in ("plots", "bench"):
+        monkeypatch.syspath_prepend(str(ROOT / d))
+    import bench_peers
+    import common
+    import peers
+    rows = [dict(method="fp", bits=32, minutes=0.0, wikitext2=20.4, c4=26.0, limit=40, c4_limit=40)]
+    rows += [dict(method=m, bits=2, minutes=t, wikitext2=p, c4=2 * p, limit=n, c4_limit=n)
+             for m, t, p, n in (("autoround", 29.0, 72.0, 40), ("apiq-long", 61.0, 54.0, 40), ("rtn", 0.2, 6e5, 10),
+                                ("apiq-quick", 10.8, 99.0, 40), ("apiq-lw", 15.1, 300.0, 40))]
+    names = [r["method"] for r in sorted(rows, key=bench_peers.order)]
+    assert names == ["fp", "rtn", "apiq-lw", "apiq-quick", "apiq-long", "autoround"]
+    assert [common.family(m) for m in names] == [bench_peers.family(m) for m in names] \
+        == ["fp", "rtn", "apiq-lw", "apiq", "apiq", "autoround"]
+    assert peers.style("apiq-lw") != peers.style("apiq-quick") == peers.style("apiq-long") == ("o", True)
+    assert peers.style("autoround")[1] is False
+    (tmp_path / "peers.json").write_text(json.dumps({"rows": rows}))
+    png = tmp_path / "peers.png"
+    r = sh("plots/peers.py", tmp_path, "--dataset", "c4", "--out", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in r.stdout
