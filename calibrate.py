@@ -113,6 +113,21 @@ def make_config(**given) -> Config:
 
 # ---- the objective of one optimizer step
 
+def effective(m, q):
+    """W_eff = Q(W) + s B A (out, in) of QuantLinear m, differentiable in Q(W), B and A. With the
+    AfterLoRA penalty the step computes it once: the forward x W_eff^T costs about what the LoRA
+    path x Q^T + s (x A^T) B^T does at a few hundred tokens, and the penalty then needs no
+    product B A of its own (bench/bench_penalty.py)."""
+    return torch.addmm(q, m.B, m.A, alpha=m.scaling)
+
+
+def merges(penalty, q) -> bool:
+    """Whether a step computes W_eff once (effective): with the AfterLoRA penalty, in fp32. In
+    bf16 / fp16 a small s B A would round away in one low-precision W_eff, so there the forward
+    keeps the separate LoRA path and the penalty its own B A."""
+    return penalty is not None and penalty.variant == "after" and q.dtype == torch.float32
+
+
 def bw_objective(qb, linears, xq, y, y2, freqs, ctx, penalty=None, l=0):
     """ApiQ-bw on windows X^q (B, T, dim) of block l with targets Y = F(W, X), Y2 = F(W, X^q):
 
@@ -120,14 +135,17 @@ def bw_objective(qb, linears, xq, y, y2, freqs, ctx, penalty=None, l=0):
 
     linears: {name: QuantLinear} of the block qb. Returns (loss, its parts for the progress bar)."""
     qs = [m.qweight() for m in linears.values()]      # Q(W) of this step, differentiable in gamma, beta
-    with use_qweights(linears.values(), qs), ctx:
+    merged = merges(penalty, qs[0])
+    if merged:                                         # W_eff = Q(W) + s B A once, for the forward and the penalty
+        qs = [effective(m, q) for m, q in zip(linears.values(), qs)]
+    with use_qweights(linears.values(), qs, merged), ctx:
         out = qb(xq, freqs).float()                    # F_q(X^q), (B, T, dim)
     mse = F.mse_loss(out, y.float())                   # eq. (1)
     if y2 is not None:
         mse = mse + F.mse_loss(out, y2.float())        # --aug-loss
     if penalty is None:
         return mse, {"mse": mse.item()}
-    pen = penalty(l, linears, qs)                      # Cao & Aref eq. (2)
+    pen = penalty(l, linears, qs, merged)              # Cao & Aref eq. (2)
     return mse + pen, {"mse": mse.item(), "pen": pen.item()}
 
 
@@ -136,12 +154,14 @@ def lw_objective(name, lin, x, xq, w, ctx, penalty=None, l=0):
 
         loss = ||X W^T - X^q (Q(W) + s B A)^T||^2 [+ lambda_l sum_i alpha_i (w_i - W_eff,i)^2]"""
     q = lin.qweight()
-    with use_qweights([lin], [q]), ctx:
+    merged = merges(penalty, q)
+    q = effective(lin, q) if merged else q             # W_eff once, for the forward and the penalty
+    with use_qweights([lin], [q], merged), ctx:
         out = lin(xq).float()                          # X^q (Q + s B A)^T, (B, T, out)
     mse = F.mse_loss(out, F.linear(x, w).float())      # against X W^T
     if penalty is None:
         return mse, {"mse": mse.item()}
-    pen = penalty(l, {name: lin}, [q])
+    pen = penalty(l, {name: lin}, [q], merged)
     return mse + pen, {"mse": mse.item(), "pen": pen.item()}
 
 

@@ -68,6 +68,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.register_buffer("q_cache", None, persistent=False)
+        self.merged = False                             # q_cache holds W_eff = Q(W) + s B A (use_qweights)
         learn = clip and codes is None
         n_groups = in_features // group_size
         for name in ("gamma", "beta"):
@@ -154,6 +155,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.merged:                                                    # x W_eff^T, W_eff = Q(W) + s B A
+            return F.linear(x, self.q_cache.to(x.dtype), bias)
         if self.q_cache is None and self.quantized and torch.is_grad_enabled() and x.requires_grad:
             y = PackedMatmul.apply(x, self)                               # x Q(W)^T, Q(W) not kept for backward
             y = y if bias is None else y + bias
@@ -195,17 +198,19 @@ class PackedMatmul(torch.autograd.Function):
 
 
 @contextmanager
-def use_qweights(linears, qs):
+def use_qweights(linears, qs, merged=False):
     """Inside the block, each QuantLinear of `linears` applies the given Q(W) (still in the
     autograd graph) instead of computing its own: the calibration objective quantizes once per
-    step and gives the same tensors to the saliency penalty."""
+    step and gives the same tensors to the saliency penalty. merged=True: the tensors are
+    W_eff = Q(W) + s B A and the forward is x W_eff^T alone, without the separate LoRA path (the
+    AfterLoRA penalty reads the same W_eff, so it costs no matmul of its own)."""
     try:
         for m, q in zip(linears, qs):
-            m.q_cache = q
+            m.q_cache, m.merged = q, merged
         yield
     finally:
         for m in linears:
-            m.q_cache = None
+            m.q_cache, m.merged = None, False
 
 
 class LoraLinear(nn.Module):

@@ -305,18 +305,20 @@ class SaliencyPenalty:
             self._key = (l, device)
         return self._alphas
 
-    def distance(self, l, linears, qs):
+    def distance(self, l, linears, qs, merged=False):
         """sum over `linears` ({name in the block: QuantLinear}) of sum_i alpha_i (w_i - W_eff,i)^2,
-        an fp32 scalar tensor; qs: their Q(W), as the step's forward applied them."""
+        an fp32 scalar tensor; qs: their Q(W), as the step's forward applied them, or (merged,
+        AfterLoRA) their W_eff = Q(W) + s B A already (calibrate.effective)."""
         total = 0.0
         for (name, m), q in zip(linears.items(), qs):
             alphas = self.alphas(l, m.weight.device)
-            lora = (m.B, m.A, m.scaling) if self.variant == "after" else (None, None, 0.0)   # W_eff = q + s B A or q
+            after = self.variant == "after" and not merged
+            lora = (m.B, m.A, m.scaling) if after else (None, None, 0.0)   # W_eff = q + s B A, or q (is W_eff)
             total = total + WeightedDistance.apply(m.weight, q, None if alphas is None else alphas[name], *lora)
         return total
 
-    def __call__(self, l, linears, qs):
-        return self.lambda_l(l) * self.distance(l, linears, qs)                        # eq. (2)
+    def __call__(self, l, linears, qs, merged=False):
+        return self.lambda_l(l) * self.distance(l, linears, qs, merged)                # eq. (2)
 
     @torch.no_grad()
     def report(self, l, linears, mse=None) -> dict:

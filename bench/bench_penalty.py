@@ -1,10 +1,12 @@
 """Cost of the saliency penalty (issue: time with the penalty / without <= 1.10): median seconds
-per ApiQ-bw training step of a real SmolLM2-135M block with no penalty, AfterLoRA and
-BeforeLoRA, interleaved in one run, 1 thread, r 64, g64, 2 bits, --aug-loss.
+per ApiQ-bw training step of a real SmolLM2-135M block with no penalty, AfterLoRA (as
+calibrate.py does it, W_eff formed once a step; and with the separate LoRA path) and BeforeLoRA,
+interleaved in one run, 1 thread, r 64, g64, 2 bits, --aug-loss.
 
     python saliency.py --nsamples 16 --out out/saliency-smollm2     # once, if missing
     python bench/bench_penalty.py 2048                               # seqlen (256 = --quick)
     python bench/bench_penalty.py 256 --quick --saliency out/results/saliency   # --quick's recipe
+    python bench/bench_penalty.py 256 --quick --saliency out/results/saliency --rounds 12   # more rounds
 """
 import statistics
 import sys
@@ -25,6 +27,7 @@ argv = sys.argv[1:]
 QUICK = "--quick" in argv                                   # calibrate.py --quick's options, not the paper's
 SAL = argv[argv.index("--saliency") + 1] if "--saliency" in argv else "out/saliency-smollm2"
 T = int(argv[0]) if argv and argv[0].isdigit() else 2048
+ROUNDS = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 4   # timed rounds of each variant
 model, tok = load("smollm2-135m")
 tokens = calib_windows(tok, 4, T, 0)
 freqs, ctx = model.freqs_cis(T, "cpu"), nullcontext()
@@ -33,12 +36,17 @@ with torch.no_grad():
 fp = model.layers[0]
 Y = calibrate.run_block(fp, X, freqs, "cpu", ctx, X.dtype)
 base = dict(bits=2, group_size=64, rank=64, epochs=2, quick=QUICK, seqlen=T)  # the rest: the paper's or --quick's
-res = {"plain": [], "after": [], "before": []}
-for r in range(5):  # round 0 is warm-up
+merges = calibrate.merges
+res = {"plain": [], "after": [], "after (separate LoRA path)": [], "before": []}
+for r in range(ROUNDS + 1):  # round 0 is warm-up
     for k in res:
+        variant = k.split()[0]
         a = calibrate.make_config(**base, saliency=None if k == "plain" else SAL,
-                                  sal_variant="after" if k == "plain" else k)
+                                  sal_variant="after" if k == "plain" else variant)
         pen = None if k == "plain" else make_penalty(model, a.saliency, a.sal_lambda, a.sal_multiplier, a.sal_variant)
+        # "after" forms W_eff = Q(W) + s B A once a step (calibrate.effective); the separate row is
+        # the step before that: the forward's LoRA path, and the penalty's own B A
+        calibrate.merges = (lambda penalty, q: False) if "separate" in k else merges
         t = time.perf_counter()
         calibrate.calibrate_block(0, fp, X, X, Y, Y if a.aug_loss else None, freqs, a, "cpu", ctx, pen)
         if r:

@@ -122,6 +122,39 @@ def test_written_out_gradients_equal_autograd(variant, weighted):
         torch.testing.assert_close(WeightedDistance.apply(w, q, alpha, *lora), got, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("objective", ["bw", "lw"])
+def test_merged_w_eff_step_equals_the_separate_lora_path(tiny_saliency, monkeypatch, objective):
+    """With the AfterLoRA penalty a step forms W_eff = Q(W) + s B A once (calibrate.effective) for
+    the forward and the penalty: loss and every gradient as with the separate LoRA path."""
+    model, out, _, _ = tiny_saliency
+    qb = quant_block(model)
+    linears = dict(quant_linears(qb))
+    params = [p for m in linears.values() for p in m.clip_parameters() + m.lora_parameters()]
+    torch.manual_seed(4)
+    xq = torch.randn(2, 16, 64)                                                # (B, T, dim)
+    freqs = model.freqs_cis(16, "cpu")
+    y = calibrate.run_block(model.layers[0], xq, freqs, "cpu", nullcontext(), xq.dtype)
+    pen = SaliencyPenalty(out, 1e3, 1.0, "after")
+    name, lin = next(iter(linears.items()))
+
+    def step():
+        if objective == "bw":
+            loss, _ = calibrate.bw_objective(qb, linears, xq, y, None, freqs, nullcontext(), pen, 0)
+        else:
+            loss, _ = calibrate.lw_objective(name, lin, xq, xq, lin.weight, nullcontext(), pen, 0)
+        return loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    assert calibrate.merges(pen, lin.qweight()) and not calibrate.merges(pen, lin.qweight().bfloat16())
+    merged = step()
+    monkeypatch.setattr(calibrate, "merges", lambda penalty, q: False)
+    separate = step()
+    torch.testing.assert_close(merged[0], separate[0], rtol=1e-5, atol=0)
+    used = [(a, b) for a, b in zip(merged[1], separate[1]) if b is not None]
+    assert len(used) >= (2 if objective == "lw" else len(params)) and all(a is not None for a, _ in used)
+    for a, b in used:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_lambda_l_is_lambda_times_multiplier_to_the_l(tiny_saliency):
     model, out, _, _ = tiny_saliency
     qb = quant_block(model)
