@@ -309,10 +309,9 @@ class SaliencyPenalty:
         """sum over `linears` ({name in the block: QuantLinear}) of sum_i alpha_i (w_i - W_eff,i)^2,
         an fp32 scalar tensor; qs: their Q(W), as the step's forward applied them, or (merged,
         AfterLoRA) their W_eff = Q(W) + s B A already (calibrate.effective)."""
-        total = 0.0
+        total, after = 0.0, self.variant == "after" and not merged
         for (name, m), q in zip(linears.items(), qs):
             alphas = self.alphas(l, m.weight.device)
-            after = self.variant == "after" and not merged
             lora = (m.B, m.A, m.scaling) if after else (None, None, 0.0)   # W_eff = q + s B A, or q (is W_eff)
             total = total + WeightedDistance.apply(m.weight, q, None if alphas is None else alphas[name], *lora)
         return total

@@ -496,7 +496,7 @@ def main(a):
         for method in a.methods:
             if method == "fp" or method in skipped:
                 continue
-            jobs = our_rows(method, a) if method in ("rtn", "loftq", "apiq-lw", "apiq") else [(method, None, None)]
+            jobs = [(method, None, None)] if method in PEERS else our_rows(method, a)   # a peer, or ours
             for row, cal_method, flags in jobs:
                 key = (row, bits)
                 if done(key):
