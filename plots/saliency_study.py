@@ -7,8 +7,9 @@ accuracy against the penalty's strength.
     bash results.sh study-none-w2-s0 study-r0.3-w2-s0 ...    # fills out/results/study/
     python plots/saliency_study.py out/results/study         # -> table on stdout, figures/saliency_study.png
 
-Reads, for every `<config>-w<bits>-s<seed>.json` (evaluate.py --json) in the directory, that JSON
-and the model's `calib_log.json` (penalty / MSE per block). A configuration's name is the
+Reads, for every `<config>-w<bits>-s<seed>.json` (evaluate.py --json) in the directory, that JSON,
+`<config>-w<bits>-s<seed>-zs.json` where there is one (zero-shot, results.sh STUDY_ITEMS) and the
+model's `calib_log.json` (penalty / MSE per block). A configuration's name is the
 results.sh study step's without the seed: none, lam<L> (the paper's raw lambda), r<R> (the
 scale-free ratio) with before-, c4-, l2-, m<M>- in front.
 """
@@ -62,29 +63,43 @@ def collect(d: Path) -> dict:
         ppl, log_path = r.get("ppl", {}), d / f.stem / "calib_log.json"
         blocks = read_json(log_path)["blocks"] if log_path.is_file() else []
         made = read_json(d / f.stem / "apiq.json") if (d / f.stem / "apiq.json").is_file() else {}
+        zs_path = d / f"{f.stem}-zs.json"          # results.sh: zero-shot in a JSON of its own (STUDY_ITEMS)
+        zs = read_json(zs_path) if zs_path.is_file() else r
         runs[(int(m["bits"]), m["config"])].append({
             "seed": int(m["seed"]), "wikitext2": ppl.get("wikitext2"), "c4": ppl.get("c4"),
             "gap": ppl["c4"] - ppl["wikitext2"] if "c4" in ppl and "wikitext2" in ppl else None,
-            "acc": 100 * r["zeroshot_avg"] if "zeroshot_avg" in r else None,
-            "items": r.get("config", {}).get("task_limit"),
+            "acc": 100 * zs["zeroshot_avg"] if "zeroshot_avg" in zs else None,
+            "acc_se": acc_se(zs.get("zeroshot", {})),
+            "items": zs.get("config", {}).get("task_limit"),
             "minutes": made.get("calibration_seconds", 0) / 60 or None,
             "pen": [b.get("penalty_over_mse") for b in blocks]})
     return runs
 
 
-def paired(rs, base, key):
-    """100 (x / x_none - 1) for each seed that plain ApiQ-bw also ran: a seed fixes the calibration
-    windows, so the seed-to-seed noise that both configurations share cancels."""
+def acc_se(zeroshot: dict):
+    """One standard error (points) of one model's average accuracy over the tasks, from the items
+    alone (binomial): sqrt(sum_t p_t (1 - p_t) / n_t) / tasks. None without zero-shot results."""
+    tasks = [t for t in zeroshot.values() if t.get("n")]
+    if not tasks:
+        return None
+    return 100 * sum(t["acc"] * (1 - t["acc"]) / t["n"] for t in tasks) ** 0.5 / len(tasks)
+
+
+def paired(rs, base, key, relative=True):
+    """100 (x / x_none - 1) (relative) or x - x_none for each seed that plain ApiQ-bw also ran: a
+    seed fixes the calibration windows, so the seed-to-seed noise that both configurations share
+    cancels."""
     by_seed = {r["seed"]: r[key] for r in base}
-    return [100 * (r[key] / by_seed[r["seed"]] - 1) for r in rs
+    return [(100 * (r[key] / by_seed[r["seed"]] - 1) if relative else r[key] - by_seed[r["seed"]]) for r in rs
             if r[key] is not None and by_seed.get(r["seed"]) is not None]
 
 
 def table(runs: dict) -> list:
     rows = []
     print("| bits | configuration | seeds | WikiText-2 | C4 | C4 - WikiText-2 | C4 vs none, same seeds (%) | "
-          "avg zero-shot | calibrate (min) | penalty / MSE at blocks 0, 12, last |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "avg zero-shot (items/task) | acc vs none, same seeds (points) | calibrate (min) | "
+          "penalty / MSE at blocks 0, 12, last |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     order = lambda k: (k[0], strength(k[1])[2], strength(k[1])[0] or "", strength(k[1])[1])   # noqa: E731
     for (bits, config) in sorted(runs, key=order):
         rs = runs[(bits, config)]
@@ -92,12 +107,20 @@ def table(runs: dict) -> list:
         base = runs.get((bits, "none"), [])
         vs = paired(rs, base, "c4") if config != "none" else []
         stats["c4_vs_none"] = mean_std(vs) if vs else (None, None)
+        dacc = paired(rs, base, "acc", relative=False) if config != "none" else []
+        stats["acc_vs_none"] = mean_std(dacc) if dacc else (None, None)
+        items = sorted({r["items"] for r in rs if r["acc"] is not None and r["items"]})
+        acc = fmt(*stats["acc"], 1) + (f" ({'/'.join(map(str, items))})" if items and stats["acc"][0] is not None else "")
         pens = [r["pen"] for r in rs if r["pen"] and r["pen"][0] is not None]
         pen = "-" if not pens else ", ".join(f"{statistics.fmean(p[i] for p in pens):.2g}"
                                             for i in (0, min(12, len(pens[0]) - 1), len(pens[0]) - 1))
         print(f"| {bits} | {config} | {len(rs)} | {fmt(*stats['wikitext2'])} | {fmt(*stats['c4'])} | "
-              f"{fmt(*stats['gap'])} | {fmt(*stats['c4_vs_none'], 1)} | {fmt(*stats['acc'], 1)} | {fmt(*stats['minutes'], 1)} | {pen} |")
+              f"{fmt(*stats['gap'])} | {fmt(*stats['c4_vs_none'], 1)} | {acc} | {fmt(*stats['acc_vs_none'], 1)} | {fmt(*stats['minutes'], 1)} | {pen} |")
         rows.append((bits, config, stats))
+    ses = [r["acc_se"] for rs in runs.values() for r in rs if r["acc_se"] is not None]
+    if ses:
+        print(f"\nOne model's standard error of the average accuracy, from its items alone (binomial): "
+              f"{statistics.fmean(ses):.2f} points on average ({min(ses):.2f}-{max(ses):.2f}).")
     return rows
 
 

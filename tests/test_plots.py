@@ -120,6 +120,8 @@ def test_saliency_study_table_and_figure(tiny_ckpt, tmp_path):
                                              seqlen=32, epochs=1, seed=seed, out=str(d / name), **pen))
         evaluate.main(evaluate.Config(ckpt=str(d / name), ppl="wikitext2,c4", seqlen=64, limit=1, threads=1,
                                       json=str(d / f"{name}.json")))
+        evaluate.main(evaluate.Config(ckpt=str(d / name), ppl="", tasks="piqa,arc_easy", task_limit=6, threads=1,
+                                      dtype="bf16", batch_size=8, json=str(d / f"{name}-zs.json")))   # as results.sh
     png = tmp_path / "study.png"
     out = sh("plots/saliency_study.py", d, "--out", png).stdout
     ppl = [json.loads((d / f"none-w2-s{s}.json").read_text())["ppl"] for s in (0, 1)]
@@ -130,6 +132,13 @@ def test_saliency_study_table_and_figure(tiny_ckpt, tmp_path):
     assert f"| 2 | l2-r1 | 1 | {one['wikitext2']:.2f} | {one['c4']:.2f} |" in out        # one seed: no +-
     vs = 100 * (one["c4"] / ppl[0]["c4"] - 1)                                              # paired with none's seed 0
     assert f"| {one['c4'] - one['wikitext2']:.2f} | {vs:.1f} |" in out
+    zs = {f"{c}-{s}": json.loads((d / f"{c}-w2-s{s}-zs.json").read_text()) for c, s, _ in runs}
+    acc = np.array([100 * zs[f"none-{s}"]["zeroshot_avg"] for s in (0, 1)])
+    assert f"| {acc.mean():.1f} +- {acc.std(ddof=1):.1f} (6) | - |" in row                  # items per task shown
+    dacc = 100 * (zs["l2-r1-0"]["zeroshot_avg"] - zs["none-0"]["zeroshot_avg"])          # points, paired
+    assert f"| {100 * zs['l2-r1-0']['zeroshot_avg']:.1f} (6) | {dacc:.1f} |" in out
+    se = [100 * np.sqrt(sum(t["acc"] * (1 - t["acc"]) / t["n"] for t in z["zeroshot"].values())) / 2 for z in zs.values()]
+    assert f"{np.mean(se):.2f} points on average" in out                                 # binomial, 2 tasks
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
