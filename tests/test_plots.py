@@ -121,7 +121,7 @@ def test_saliency_study_table_and_figure(tiny_ckpt, tmp_path):
         evaluate.main(evaluate.Config(ckpt=str(d / name), ppl="wikitext2,c4", seqlen=64, limit=1, threads=1,
                                       json=str(d / f"{name}.json")))
         evaluate.main(evaluate.Config(ckpt=str(d / name), ppl="", tasks="piqa,arc_easy", task_limit=6, threads=1,
-                                      dtype="bf16", batch_size=8, json=str(d / f"{name}-zs.json")))   # as results.sh
+                                      batch_size=8, json=str(d / f"{name}-zs.json")))   # as results.sh
     png = tmp_path / "study.png"
     out = sh("plots/saliency_study.py", d, "--out", png).stdout
     ppl = [json.loads((d / f"none-w2-s{s}.json").read_text())["ppl"] for s in (0, 1)]
