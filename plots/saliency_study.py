@@ -6,6 +6,11 @@ accuracy against the penalty's strength.
 
     bash results.sh study-none-w2-s0 study-r0.3-w2-s0 ...    # fills out/results/study/
     python plots/saliency_study.py out/results/study         # -> table on stdout, figures/saliency_study.png
+    python plots/saliency_study.py figures/saliency_study.csv --out x.png   # the same, from the runs' CSV
+
+Beside the PNG it writes one row per run (`--csv`, default the PNG's name with .csv): the numbers
+the table and figure are made of, small enough to commit, so that they can be redrawn, and merged
+with later runs (`--merge earlier.csv`), after out/ is gone.
 
 Reads, for every `<config>-w<bits>-s<seed>.json` (evaluate.py --json) in the directory, that JSON,
 `<config>-w<bits>-s<seed>-zs.json` where there is one (zero-shot, results.sh STUDY_ITEMS) and the
@@ -13,6 +18,7 @@ model's `calib_log.json` (penalty / MSE per block). A configuration's name is th
 results.sh study step's without the seed: none, lam<L> (the paper's raw lambda), r<R> (the
 scale-free ratio) with before-, c4-, l2-, m<M>- in front.
 """
+import csv
 import re
 import statistics
 from collections import defaultdict
@@ -73,6 +79,42 @@ def collect(d: Path) -> dict:
             "items": zs.get("config", {}).get("task_limit"),
             "minutes": made.get("calibration_seconds", 0) / 60 or None,
             "pen": [b.get("penalty_over_mse") for b in blocks]})
+    return runs
+
+
+FIELDS = ("bits", "config", "seed", "wikitext2", "c4", "acc", "acc_se", "items", "minutes", "pen")
+
+
+def write_csv(runs: dict, path: str):
+    """One row per run; `pen` is penalty / MSE per block joined by ';'. Written whole, then renamed."""
+    from cli import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(FIELDS)
+            for (bits, config), rs in sorted(runs.items()):
+                for r in sorted(rs, key=lambda r: r["seed"]):
+                    w.writerow([bits, config, r["seed"]] + ["" if r[k] is None else repr(r[k]) for k in FIELDS[3:-1]]
+                               + [";".join("" if x is None else repr(x) for x in r["pen"])])
+    atomic_write(path, write)
+    print(f"wrote {path}")
+
+
+def read_csv(path: Path) -> dict:
+    """write_csv's file back into collect()'s form."""
+    num = lambda v, t=float: t(v) if v != "" else None   # noqa: E731
+    runs = defaultdict(list)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(FIELDS) - set(rows[0]):
+        raise ValueError(f"{path}: not this script's CSV (columns {', '.join(FIELDS)})")
+    for row in rows:
+        r = {k: num(row[k]) for k in ("wikitext2", "c4", "acc", "acc_se", "minutes")}
+        r.update(seed=int(row["seed"]), items=num(row["items"], int),
+                 pen=[num(x) for x in row["pen"].split(";")] if row["pen"] else [])
+        r["gap"] = r["c4"] - r["wikitext2"] if r["c4"] is not None and r["wikitext2"] is not None else None
+        runs[(int(row["bits"]), row["config"])].append(r)
     return runs
 
 
@@ -158,18 +200,39 @@ def figure(rows, out):
     save(fig, out)
 
 
-def main(a):
-    d = Path(a.results)
+def load(path: str) -> dict:
+    """Runs from a results directory (the JSONs) or from this script's CSV."""
+    d = Path(path)
+    if d.is_file():
+        if d.suffix != ".csv":
+            raise ValueError(f"{d}: give a results directory or this script's .csv")
+        return read_csv(d)
     if not d.is_dir():
         raise NotADirectoryError(f"{d} does not exist: run bash results.sh study-<config>-w<bits>-s<seed> first")
-    runs = collect(d)
+    return collect(d)
+
+
+def main(a):
+    runs = load(a.results)
+    for extra in a.merge:                      # earlier runs; a run that is in both is taken from `results`
+        for key, rs in load(extra).items():
+            have = {r["seed"] for r in runs.get(key, [])}
+            runs.setdefault(key, []).extend(r for r in rs if r["seed"] not in have)
+    if a.bits:
+        runs = {k: v for k, v in runs.items() if k[0] == a.bits}
     if not runs:
-        raise FileNotFoundError(f"no <config>-w<bits>-s<seed>.json in {d}: run the results.sh study steps first")
-    figure(table(runs), a.out)
+        raise FileNotFoundError(f"no <config>-w<bits>-s<seed> runs in {a.results}"
+                                f"{' at ' + str(a.bits) + ' bits' if a.bits else ''}: run the results.sh study steps first")
+    rows = table(runs)
+    write_csv(runs, a.csv or str(Path(a.out).with_suffix(".csv")))
+    figure(rows, a.out)
 
 
 if __name__ == "__main__":
     from cli import run
     p = parser(__doc__, "saliency_study.png")
     p.set_defaults(results="out/results/study")
+    p.add_argument("--csv", help="per-run CSV to write (default: --out with .csv)")
+    p.add_argument("--merge", action="append", default=[], help="an earlier CSV of this script to add (repeatable)")
+    p.add_argument("--bits", type=int, help="only these runs' bits (default: all)")
     run(main, p.parse_args())

@@ -140,6 +140,13 @@ def test_saliency_study_table_and_figure(tiny_ckpt, tmp_path):
     se = [100 * np.sqrt(sum(t["acc"] * (1 - t["acc"]) / t["n"] for t in z["zeroshot"].values())) / 2 for z in zs.values()]
     assert f"{np.mean(se):.2f} points on average" in out                                 # binomial, 2 tasks
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the per-run CSV beside the PNG gives back the same table without the JSONs, and merges
+    (d / "l2-r1-w2-s0.json").unlink()
+    again = sh("plots/saliency_study.py", d, "--merge", tmp_path / "study.csv", "--out", tmp_path / "again.png").stdout
+    table = lambda text: [ln for ln in text.splitlines() if ln.startswith("|") or "standard error" in ln]  # noqa: E731
+    assert table(again) == table(out) and len(table(out)) == 5
+    only = sh("plots/saliency_study.py", tmp_path / "again.csv", "--bits", "2", "--out", tmp_path / "3.png").stdout
+    assert table(only) == table(out)
 
 
 def test_ppl_bits_from_bench_peers_rows(tmp_path):
