@@ -84,8 +84,10 @@ def test_smollm2_export_tokenizer_and_gqa_layout(smollm2, data_dir, tmp_path):
     with torch.no_grad():
         want = q(x)
     # logits reach ~40 here; float rounding in two implementations differs by ~5e-3 even without an
-    # adapter (RTN), while a wrong q/k row layout or B permutation would be off by O(1)
-    assert (hf_logits(base, adapter, x) - want).abs().max().item() <= 1e-2
+    # adapter (RTN), up to 1.3e-2 with 2 threads (another summation order; mean 3e-4),
+    # while a wrong q/k row layout or B permutation would be off by O(1) nearly everywhere
+    diff = (hf_logits(base, adapter, x) - want).abs()
+    assert diff.max().item() <= 5e-2 and diff.mean().item() <= 1e-3
 
 
 @pytest.mark.parametrize("which, words", [("nonempty", "not empty"), ("unfinished", "unfinished calibration"),
