@@ -25,10 +25,11 @@ Output: OUT/block_NNN.safetensors (keys attention.wq ... feed_forward.w2, alpha 
 shape) and OUT/saliency.json (model shape, data, time, memory, per-block stats). Every file is
 written atomically and saliency.json last: a directory without it is unfinished.
 
-Speed on a CPU. Where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16: recent Xeons),
---dtype bf16 is ~6x faster than the CPU's fp32 default and gives the same alpha (SmolLM2, 16 x 256
-WikiText-2 tokens, 1 thread beside two other jobs: 1.7 against 10.2 s a sequence; cosine >= 0.997
-per linear between the two alphas, while 16 x 256 and the paper's 100 x 512 tokens agree to
+Speed on a CPU. Where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), --dtype bf16 is
+faster than the CPU's fp32 default and gives the same alpha (SmolLM2, 16 x 256 WikiText-2 tokens,
+1 thread: 1.7 against 10.2 s a sequence beside two other jobs on one machine, ~6x; 1.6 against 3.2
+alone on an AMD EPYC with AVX512-BF16, 2.0x, bench/bench_penalty.py --pass; cosine >= 0.997 per
+linear between the two alphas, while 16 x 256 and the paper's 100 x 512 tokens agree to
 0.77-0.99). On other CPUs it is untested here: time a few sequences before choosing.
 
 Memory. A hook squares each weight's gradient into its accumulator the moment autograd has it
