@@ -71,15 +71,20 @@ def collect(d: Path) -> dict:
         made = read_json(d / f.stem / "apiq.json") if (d / f.stem / "apiq.json").is_file() else {}
         zs_path = d / f"{f.stem}-zs.json"          # results.sh: zero-shot in a JSON of its own (STUDY_ITEMS)
         zs = read_json(zs_path) if zs_path.is_file() else r
-        runs[(int(m["bits"]), m["config"])].append({
+        runs[(int(m["bits"]), m["config"])].append(with_gap({
             "seed": int(m["seed"]), "wikitext2": ppl.get("wikitext2"), "c4": ppl.get("c4"),
-            "gap": ppl["c4"] - ppl["wikitext2"] if "c4" in ppl and "wikitext2" in ppl else None,
             "acc": 100 * zs["zeroshot_avg"] if "zeroshot_avg" in zs else None,
             "acc_se": acc_se(zs.get("zeroshot", {})),
             "items": zs.get("config", {}).get("task_limit"),
             "minutes": made.get("calibration_seconds", 0) / 60 or None,
-            "pen": [b.get("penalty_over_mse") for b in blocks]})
+            "pen": [b.get("penalty_over_mse") for b in blocks]}))
     return runs
+
+
+def with_gap(r: dict) -> dict:
+    """A run with its gap C4 - WikiText-2 (None unless both were measured), derived here only."""
+    r["gap"] = r["c4"] - r["wikitext2"] if r["c4"] is not None and r["wikitext2"] is not None else None
+    return r
 
 
 FIELDS = ("bits", "config", "seed", "wikitext2", "c4", "acc", "acc_se", "items", "minutes", "pen")
@@ -113,8 +118,7 @@ def read_csv(path: Path) -> dict:
         r = {k: num(row[k]) for k in ("wikitext2", "c4", "acc", "acc_se", "minutes")}
         r.update(seed=int(row["seed"]), items=num(row["items"], int),
                  pen=[num(x) for x in row["pen"].split(";")] if row["pen"] else [])
-        r["gap"] = r["c4"] - r["wikitext2"] if r["c4"] is not None and r["wikitext2"] is not None else None
-        runs[(int(row["bits"]), row["config"])].append(r)
+        runs[(int(row["bits"]), row["config"])].append(with_gap(r))
     return runs
 
 
