@@ -115,6 +115,13 @@ def reset_peak_memory(device):
             pass
 
 
+def rss_gib(peak=False) -> float:
+    """Resident host memory now, or its peak over the process's life (peak=True)."""
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
+
+
 def peak_memory_gib(device) -> float:
     """Peak since reset_peak_memory: device memory on CUDA, resident host memory on CPU."""
     if torch.device(device).type == "cuda":
@@ -152,7 +159,9 @@ def add_config_args(p: argparse.ArgumentParser, cls, shown_defaults=None):
     shown = {f.name: f.default for f in fields(cls)} | (shown_defaults or {})
     for f in fields(cls):
         flag, meta, default = "--" + f.name.replace("_", "-"), f.metadata, shown[f.name]
-        help = f"{meta['help']} (default: {default})"
+        # the default once: where the help text already says it (a default that depends on other
+        # settings, e.g. "default out/<ckpt>-..."), argparse's None is not added
+        help = meta["help"] if "(default" in meta["help"] else f"{meta['help']} (default: {default})"
         if meta["type"] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:

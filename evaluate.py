@@ -213,7 +213,7 @@ ON_GPU = torch.cuda.is_available()
 @dataclass
 class Config:
     """One run of evaluate.py. The defaults are the papers' protocol (2048-token windows)."""
-    ckpt: str = arg("smollm2-135m", "full-precision checkpoint or quantized model directory (README, Checkpoints)")
+    ckpt: str = arg("smollm2-135m", "full-precision checkpoint or quantized model directory (docs/usage.md, Checkpoints)")
     ppl: str = arg("wikitext2,c4", "comma-separated perplexity datasets ('' for none)")
     seqlen: int = arg(2048, "perplexity window length in tokens")
     tasks: str = arg("", f"comma-separated zero-shot tasks ({', '.join(TASKS)}) or 'all'")

@@ -24,7 +24,6 @@ transformers has no kernel for this repo's packed codes, so the export is for co
 (evaluation harnesses, serving stacks, further finetuning), not for memory.
 """
 import argparse
-import json
 import shutil
 from pathlib import Path
 

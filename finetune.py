@@ -40,52 +40,8 @@ from cli import (DTYPES, arg, as_flags, atomic_write, check_device, check_writab
 from data import ppl_windows, train_windows
 from llama import check_seqlen
 from lora import LoraLinear, adapters, is_quantized, swap_linears
-
-ON_GPU = torch.cuda.is_available()
-# CPU recipe (measured in bench/bench_finetune.py, README): the local WikiText-2 train text (68k
-# tokens) once in 256-token windows, 16 windows a step, a higher rate for the few steps
-QUICK = dict(seqlen=256, epochs=1, batch_size=4, grad_accum=4, lr=1e-3, eval_limit=10)
-
-
-@dataclass
-class Config:
-    """One run of finetune.py. The defaults are the official WikiText-2 recipe (docs/method.md §8)."""
-    ckpt: Optional[str] = arg(None, "quantized model directory written by calibrate.py (or, with --fp-lora, a "
-                              "full-precision checkpoint)", type=str)
-    data: str = arg("wikitext2", "training text: wikitext2 (train split), c4, or a .txt / .jsonl file")
-    seqlen: int = arg(1024, "tokens per training window (the text is packed end to end)")
-    epochs: int = arg(3, "passes over the training windows")
-    batch_size: int = arg(4, "windows per forward pass")
-    grad_accum: int = arg(16, "forward passes per optimizer step (a step sees batch_size x grad_accum windows)")
-    lr: float = arg(3e-4, "AdamW learning rate of A and B (cosine to 0)")
-    wd: float = arg(0.1, "AdamW weight decay")
-    loss: str = arg("ce", "ce: next-token cross-entropy (paper); kd: KL to the full-precision model's "
-                    "next-token distribution", choices=("ce", "kd"))
-    teacher: Optional[str] = arg(None, "full-precision model for --loss kd (default: the source in apiq.json)")
-    max_steps: Optional[int] = arg(None, "at most this many optimizer steps (the schedule spans them)", type=int)
-    fp_lora: bool = arg(False, "allow a full-precision --ckpt: plain LoRA on its weights (the reference)")
-    rank: int = arg(64, "LoRA rank of --fp-lora (a quantized model keeps its own)")
-    lora_alpha: float = arg(16.0, "LoRA alpha of --fp-lora")
-    seed: int = arg(0, "seed of the window order (and of --fp-lora's A)")
-    eval_limit: Optional[int] = arg(None, "held-out WikiText-2 test windows at the end (default: all)", type=int)
-    eval_seqlen: int = arg(2048, "tokens per held-out window")
-    eval_before: bool = arg(False, "also measure the held-out perplexity before training", result=False)
-    save_every: int = arg(20, "optimizer steps between checkpoints", result=False)
-    packed: bool = arg(False, "keep the codes packed and dequantize in every forward: less memory, slower steps "
-                       "(default: Q(W) cached, a step costs what a full-precision LoRA step costs)", result=False)
-    quick: bool = arg(False, f"the CPU recipe (SmolLM2: 10-15 min on one core): {as_flags(QUICK)}", result=False)
-    out: Optional[str] = arg(None, "output directory (default <ckpt>-ft, -ft-kd with --loss kd)", result=False)
-    data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
-    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
-    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and activations (A, B and AdamW stay fp32; no fp16: "
-                     "its gradients underflow without loss scaling)", choices=("fp32", "bf16"))
-    threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
-
-
-def make_config(**given) -> Config:
-    """Config from the given settings, --quick's recipe filling what was not given."""
-    return Config(**with_default_dtype((QUICK if given.get("quick") else {}) | given))
-
+from recipes import FINETUNE_QUICK, lr_factor
+from runs import output_dir, resume_finetune, save_checkpoint
 
 # ---- the loss of one forward pass
 
@@ -100,11 +56,6 @@ def lm_loss(model, x, teacher=None):
     return F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target, log_target=True, reduction="batchmean")
 
 
-def lr_at(cfg, step, total) -> float:
-    """Cosine from cfg.lr at step 0 to 0 at step `total`."""
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-
-
 def window_order(cfg, n, epoch) -> torch.Tensor:
     """The windows of one epoch, shuffled by a generator seeded from (seed, epoch) alone: a resumed
     run sees the same order as an uninterrupted one."""
@@ -117,6 +68,45 @@ def step_windows(cfg, n, step) -> torch.Tensor:
     per_epoch = math.ceil(n / per_step)
     epoch, i = divmod(step, per_epoch)
     return window_order(cfg, n, epoch)[i * per_step:(i + 1) * per_step]
+
+
+# ---- the loop
+
+def train(cfg, model, windows, teacher, out, settings):
+    """Optimizer steps from where OUT's checkpoint left off to the last; returns (log, seconds)."""
+    params = {f"{n}.{k}": getattr(m, k) for n, m in adapters(model).items() for k in ("A", "B")}
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.wd)
+    per_epoch = math.ceil(len(windows) / (cfg.batch_size * cfg.grad_accum))
+    total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+    start, log, spent = resume_finetune(out, settings, params, opt)
+    bar = tqdm(total=total, initial=start, desc="finetune", unit="step")
+    t0 = time.time() - spent
+    for step in range(start, total):
+        t_step = time.time()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor("cosine", step, total)      # cosine to 0
+        idx = step_windows(cfg, len(windows), step)
+        loss_sum = 0.0
+        for mb in idx.split(cfg.batch_size):
+            x = windows[mb].to(cfg.device)                                  # (b, seqlen)
+            loss = lm_loss(model, x, teacher)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: non-finite loss ({loss.item()}); lower --lr (now {cfg.lr}) "
+                                         f"or check the model {cfg.ckpt}")
+            (loss * (len(mb) / len(idx))).backward()                        # the step's mean over its windows
+            loss_sum += loss.item() * len(mb)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seconds = time.time() - t_step
+        tokens = len(idx) * (windows.shape[1] - 1)
+        log.append({"step": step + 1, "loss": loss_sum / len(idx), "lr": opt.param_groups[0]["lr"],
+                    "seconds": round(seconds, 3), "tokens": tokens})
+        bar.update(1)
+        bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+            save_checkpoint(out, step + 1, settings, params, opt, log, time.time() - t0)
+    bar.close()
+    return log, time.time() - t0
 
 
 # ---- the model, the checkpoint, the output
@@ -159,36 +149,6 @@ def load_teacher(cfg, source):
     return teacher.eval().requires_grad_(False)
 
 
-def start_or_resume(out: Path, settings: dict, params: dict, opt) -> tuple[int, list, float]:
-    """(first step, log so far, seconds spent) of an earlier run of the same settings in OUT, its
-    adapters and optimizer state loaded; (0, [], 0) for a fresh start."""
-    if (out / "finetune_log.json").exists():
-        raise ValueError(f"{out} already holds a finished finetuning: choose another --out (nothing was overwritten)")
-    ckpt = out / "checkpoint.pt"
-    if not ckpt.exists():
-        if (out / "apiq.json").exists():
-            raise ValueError(f"{out} holds a model that this finetuning did not make: choose another --out")
-        return 0, [], 0.0
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    diff = [f"{k}: {state['settings'].get(k)!r} there, {v!r} now" for k, v in settings.items()
-            if state["settings"].get(k) != v]
-    if diff:
-        raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}): use the same settings to "
-                         f"continue it or another --out (nothing was overwritten)")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["adapters"][name])
-    opt.load_state_dict(state["optimizer"])
-    print(f"resuming {out}: step {state['step']} done")
-    return state["step"], state["log"], state["seconds"]
-
-
-def save_checkpoint(out, step, settings, params, opt, log, seconds):
-    state = {"step": step, "settings": settings, "adapters": {k: p.detach().cpu() for k, p in params.items()},
-             "optimizer": opt.state_dict(), "log": log, "seconds": seconds}
-    atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
-
-
 def save_model(cfg, model, tok, out, source, summary):
     """The finetuned model in calibrate.py's format (A, B replaced), or --fp-lora's adapters."""
     from safetensors.torch import save_file
@@ -220,48 +180,53 @@ def held_out(model, tok, cfg) -> dict:
     return {"wikitext2": ppl, "windows": len(windows), "seqlen": seqlen}
 
 
-# ---- the loop
+# ---- the script
 
-def train(cfg, model, windows, teacher, out, settings):
-    """Optimizer steps from where OUT's checkpoint left off to the last; returns (log, seconds)."""
-    params = {f"{n}.{k}": getattr(m, k) for n, m in adapters(model).items() for k in ("A", "B")}
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.wd)
-    per_epoch = math.ceil(len(windows) / (cfg.batch_size * cfg.grad_accum))
-    total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
-    start, log, spent = start_or_resume(out, settings, params, opt)
-    bar = tqdm(total=total, initial=start, desc="finetune", unit="step")
-    t0 = time.time() - spent
-    for step in range(start, total):
-        t_step = time.time()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, total)
-        idx = step_windows(cfg, len(windows), step)
-        loss_sum = 0.0
-        for mb in idx.split(cfg.batch_size):
-            x = windows[mb].to(cfg.device)                                  # (b, seqlen)
-            loss = lm_loss(model, x, teacher)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: non-finite loss ({loss.item()}); lower --lr (now {cfg.lr}) "
-                                         f"or check the model {cfg.ckpt}")
-            (loss * (len(mb) / len(idx))).backward()                        # the step's mean over its windows
-            loss_sum += loss.item() * len(mb)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seconds = time.time() - t_step
-        tokens = len(idx) * (windows.shape[1] - 1)
-        log.append({"step": step + 1, "loss": loss_sum / len(idx), "lr": opt.param_groups[0]["lr"],
-                    "seconds": round(seconds, 3), "tokens": tokens})
-        bar.update(1)
-        bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            save_checkpoint(out, step + 1, settings, params, opt, log, time.time() - t0)
-    bar.close()
-    return log, time.time() - t0
+ON_GPU = torch.cuda.is_available()
 
 
-def output_dir(cfg) -> Path:
-    tail = "-ft" + ("-kd" if cfg.loss == "kd" else "") + ("-quick" if cfg.quick else "")
-    return Path(cfg.out or f"{str(cfg.ckpt).rstrip('/')}{tail}")
+@dataclass
+class Config:
+    """One run of finetune.py. The defaults are the official WikiText-2 recipe (docs/method.md §8)."""
+    ckpt: Optional[str] = arg(None, "quantized model directory written by calibrate.py (or, with --fp-lora, a "
+                              "full-precision checkpoint)", type=str)
+    data: str = arg("wikitext2", "training text: wikitext2 (train split), c4, or a .txt / .jsonl file")
+    seqlen: int = arg(1024, "tokens per training window (the text is packed end to end)")
+    epochs: int = arg(3, "passes over the training windows")
+    batch_size: int = arg(4, "windows per forward pass")
+    grad_accum: int = arg(16, "forward passes per optimizer step (a step sees batch_size x grad_accum windows)")
+    lr: float = arg(3e-4, "AdamW learning rate of A and B (cosine to 0)")
+    wd: float = arg(0.1, "AdamW weight decay")
+    loss: str = arg("ce", "ce: next-token cross-entropy (paper); kd: KL to the full-precision model's "
+                    "next-token distribution", choices=("ce", "kd"))
+    teacher: Optional[str] = arg(None, "full-precision model for --loss kd (default: the source in apiq.json)")
+    max_steps: Optional[int] = arg(None, "at most this many optimizer steps (the schedule spans them)", type=int)
+    fp_lora: bool = arg(False, "allow a full-precision --ckpt: plain LoRA on its weights (the reference)")
+    rank: int = arg(64, "LoRA rank of --fp-lora (a quantized model keeps its own)")
+    lora_alpha: float = arg(16.0, "LoRA alpha of --fp-lora")
+    seed: int = arg(0, "seed of the window order (and of --fp-lora's A)")
+    eval_limit: Optional[int] = arg(None, "held-out WikiText-2 test windows at the end (default: all)", type=int)
+    eval_seqlen: int = arg(2048, "tokens per held-out window")
+    eval_before: bool = arg(False, "also measure the held-out perplexity before training", result=False)
+    save_every: int = arg(20, "optimizer steps between checkpoints", result=False)
+    packed: bool = arg(False, "keep the codes packed and dequantize in every forward: less memory, slower steps "
+                       "(default: Q(W) cached, a step costs what a full-precision LoRA step costs)", result=False)
+    quick: bool = arg(False, f"the CPU recipe (SmolLM2: 10-15 min on one core): {as_flags(FINETUNE_QUICK)}", result=False)
+    out: Optional[str] = arg(None, "output directory (default <ckpt>-ft, -ft-kd with --loss kd)", result=False)
+    data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
+    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
+    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and activations (A, B and AdamW stay fp32; no fp16: "
+                     "its gradients underflow without loss scaling)", choices=("fp32", "bf16"))
+    threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
+
+
+def make_config(**given) -> Config:
+    """Config from the given settings, --quick's recipe filling what was not given."""
+    return Config(**with_default_dtype((FINETUNE_QUICK if given.get("quick") else {}) | given))
+
+
+def finetune_dir(cfg) -> Path:
+    return output_dir(cfg.out, cfg.ckpt, "{path}-ft" + ("-kd" if cfg.loss == "kd" else "") + ("-quick" if cfg.quick else ""))
 
 
 def check_config(cfg):
@@ -272,14 +237,14 @@ def check_config(cfg):
         raise ValueError(f"{', '.join(bad)} must be positive")
     if any(n is not None and n <= 0 for n in (cfg.max_steps, cfg.eval_limit)) or cfg.lr <= 0 or cfg.wd < 0:
         raise ValueError("--max-steps, --eval-limit and --lr must be positive, --wd >= 0")
-    if output_dir(cfg).resolve() == Path(cfg.ckpt).resolve():
+    if finetune_dir(cfg).resolve() == Path(cfg.ckpt).resolve():
         raise ValueError("--out is the model being finetuned: choose another directory")
     check_device(cfg.device, DTYPES[cfg.dtype])
 
 
 def main(cfg: Config):
     check_config(cfg)
-    out = output_dir(cfg)
+    out = finetune_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_writable(out)

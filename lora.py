@@ -18,13 +18,13 @@ Algorithm 1). ApiQ-lw and ApiQ-bw train QuantLinear's gamma, beta, A, B: calibra
     python -c "import torch, lora; print(lora.loftq_init(torch.randn(64, 128), 2, 64, 16, 16).errors)"
 """
 import math
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastpath import qmatmul
 from quant import dequantize, fake_quant, pack, quantize, unpack, validate
 
 
@@ -49,8 +49,8 @@ class QuantLinear(nn.Module):
     A (rank, in), B (out, rank): the LoRA factors, fp32 parameters. rank=0: no adapter.
 
     qweight() is Q(W) in both states. cache_qweight() keeps a dequantized copy so a forward
-    does not unpack; use_qweights() lets the calibration objective hand one step's Q(W) to the
-    forward and to the penalty alike.
+    does not unpack; fastpath.use_qweights lets the calibration objective hand one step's Q(W)
+    (or W_eff = Q(W) + s B A, merged) to the forward and to the penalty alike.
     """
 
     def __init__(self, weight, bits=2, group_size=64, rank=64, lora_alpha=16.0, clip=True,
@@ -68,7 +68,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.register_buffer("q_cache", None, persistent=False)
-        self.merged = False                             # q_cache holds W_eff = Q(W) + s B A (use_qweights)
+        self.merged = False                             # q_cache holds W_eff = Q(W) + s B A (fastpath.use_qweights)
         learn = clip and codes is None
         n_groups = in_features // group_size
         for name in ("gamma", "beta"):
@@ -154,14 +154,9 @@ class QuantLinear(nn.Module):
         self.q_cache = None
 
     def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.merged:                                                    # x W_eff^T, W_eff = Q(W) + s B A
-            return F.linear(x, self.q_cache.to(x.dtype), bias)
-        if self.q_cache is None and self.quantized and torch.is_grad_enabled() and x.requires_grad:
-            y = PackedMatmul.apply(x, self)                               # x Q(W)^T, Q(W) not kept for backward
-            y = y if bias is None else y + bias
-        else:
-            y = F.linear(x, self.qweight().to(x.dtype), bias)             # x Q(W)^T
+        y = qmatmul(x, self)                                               # x Q(W)^T (+ bias), fastpath.py
+        if self.merged:                                                    # the step applied W_eff = Q(W) + s B A
+            return y
         lora = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))  # (x A^T) B^T
         return y + self.scaling * lora                                     # (LoRA)
 
@@ -179,38 +174,6 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, rank={self.rank}, lora_alpha={self.lora_alpha}, "
                 f"quantized={self.quantized}, cached={self.q_cache is not None}")
-
-
-class PackedMatmul(torch.autograd.Function):
-    """x Q(W)^T for a packed QuantLinear while training its adapters: Q(W) is dequantized from the
-    codes in the forward and again in the backward (for dL/dx = g Q(W)), so autograd keeps the
-    codes (~2.6 bits a weight), not a dequantized copy of every linear. The same values as
-    F.linear with the dequantized weight; Q(W) itself gets no gradient (it is frozen)."""
-
-    @staticmethod
-    def forward(ctx, x, m):
-        ctx.m = m
-        return F.linear(x, m.qweight().to(x.dtype))                       # (..., out)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g @ ctx.m.qweight().to(g.dtype), None                      # (..., in)
-
-
-@contextmanager
-def use_qweights(linears, qs, merged=False):
-    """Inside the block, each QuantLinear of `linears` applies the given Q(W) (still in the
-    autograd graph) instead of computing its own: the calibration objective quantizes once per
-    step and gives the same tensors to the saliency penalty. merged=True: the tensors are
-    W_eff = Q(W) + s B A and the forward is x W_eff^T alone, without the separate LoRA path (the
-    AfterLoRA penalty reads the same W_eff, so it costs no matmul of its own)."""
-    try:
-        for m, q in zip(linears, qs):
-            m.q_cache, m.merged = q, merged
-        yield
-    finally:
-        for m in linears:
-            m.q_cache, m.merged = None, False
 
 
 class LoraLinear(nn.Module):
@@ -274,12 +237,18 @@ def qlora_init(w, bits, group_size, rank):
     return LoraInit(codes, scale, zero, A, B, [weight_error(w, dequantize(codes, scale, zero, group_size))])
 
 
-def _svd(r, rank, lowrank):
+def svd_split(r, rank, scaling, lowrank=False):
+    """B (out, rank), A (rank, in) with s B A = the rank-r SVD U S V^T of r (out, in):
+    B = U sqrt(S / s), A = sqrt(S / s) V^T. Dividing by s makes s B A equal the SVD term; without
+    it the adapter would add only s times the residual (peft's LoftQ once had exactly this bug)."""
     if lowrank:  # randomized: much faster on big matrices, close to the exact top-rank part
         u, sv, v = torch.svd_lowrank(r, q=min(rank + 10, *r.shape), niter=4)
-        return u[:, :rank], sv[:rank], v[:, :rank].T
-    u, sv, vh = torch.linalg.svd(r, full_matrices=False)
-    return u[:, :rank], sv[:rank], vh[:rank]
+        u, sv, vh = u[:, :rank], sv[:rank], v[:, :rank].T
+    else:
+        u, sv, vh = torch.linalg.svd(r, full_matrices=False)
+        u, sv, vh = u[:, :rank], sv[:rank], vh[:rank]                  # (out, r), (r,), (r, in)
+    root = (sv / scaling).sqrt()
+    return u * root, root.unsqueeze(1) * vh                             # B (out, r), A (r, in)
 
 
 @torch.no_grad()
@@ -287,10 +256,7 @@ def loftq_init(w, bits, group_size, rank, lora_alpha, iters=5, lowrank=False):
     """LoftQ (Li et al. 2023, Algorithm 1), with s = lora_alpha / rank: alternate T = iters times
 
         Q   = RTN(W - s B A)
-        B A = rank-r SVD of (W - Q) = U S V^T:   B = U sqrt(S) / sqrt(s),  A = sqrt(S) V^T / sqrt(s)
-
-    Dividing by sqrt(s) makes s B A equal the SVD term; without it the adapter would add only
-    s times the residual (peft's LoftQ once had exactly this bug).
+        s B A = rank-r SVD of (W - Q)                                      (svd_split)
     """
     scaling = lora_alpha / rank
     w = w.float()
@@ -300,9 +266,7 @@ def loftq_init(w, bits, group_size, rank, lora_alpha, iters=5, lowrank=False):
     for _ in range(iters):
         codes, scale, zero = quantize(w - scaling * B @ A, bits, group_size)   # Q = RTN(W - s B A)
         q = dequantize(codes, scale, zero, group_size)
-        u, sv, vh = _svd(w - q, rank, lowrank)                                 # (out, r), (r,), (r, in)
-        B = u * (sv.sqrt() / math.sqrt(scaling))                               # (out, r)
-        A = (sv.sqrt() / math.sqrt(scaling)).unsqueeze(1) * vh                 # (r, in)
+        B, A = svd_split(w - q, rank, scaling, lowrank)                        # B A = SVD_r(W - Q)
         errors.append(weight_error(w, q + scaling * B @ A))
     return LoraInit(codes, scale, zero, A, B, errors)
 

@@ -9,6 +9,7 @@
 #   bash results.sh study-none-w2-s0 study-r0.3-w2-s1       # the saliency study (Cao & Aref Tables 1-2): below
 #   bash results.sh peers           # the headline table: every method and peer (bench/bench_peers.py)
 #   PPL= bash results.sh eval-apiq-bw-w2     # activation/weight errors (+ zero-shot) only, for the figures
+#   PAPER_BLOCKS=8 bash results.sh calib-bw-paper-w2   # ApiQ-bw from the paper's start, first 8 blocks (fig. 5)
 #
 # Calibration uses calibrate.py --quick (RECIPE=--long for the long one; `calibrate.py --help` shows
 # what each sets; the paper: 128 x 2048 tokens, 20 epochs). Perplexity is on the first LIMIT windows of 2048 tokens of WikiText-2 test and of C4,
@@ -25,6 +26,7 @@ ITEMS=${ITEMS:-50}           # zero-shot items per task (0: none)
 THREADS=${THREADS:-1}        # torch threads per process (1 lets two steps share 2 cores)
 SAL_LAMBDA=${SAL_LAMBDA:-1}  # the paper's lambda (multiplier 1)
 FT_LOSS=${FT_LOSS:-ce}       # finetune.py --loss: ce (paper) or kd (ft-* steps write NAME-ft-kd)
+PAPER_BLOCKS=${PAPER_BLOCKS:-}  # calib-bw-paper-*: calibrate only the first this many blocks ('': all)
 STUDY_LIMIT=${STUDY_LIMIT:-40}  # saliency study: WikiText-2 test and C4 windows per model
 STUDY_ITEMS=${STUDY_ITEMS:-0}   # saliency study: zero-shot items per task (0: none; 500: 1 point of standard error)
 FT_TAG=$([ "$FT_LOSS" = kd ] && echo -kd || true)
@@ -38,13 +40,30 @@ calib() {  # calib <name> <calibrate.py args...>: every quantized model, ApiQ or
   local name=$1; shift
   [ -f "$OUT/$name/apiq.json" ] || say python calibrate.py "${RECIPE:---quick}" --threads "$THREADS" --out "$OUT/$name" "$@"
 }
+# calib-bw-paper-w<bits>: ApiQ-bw with the --quick recipe's data budget from the paper's start (A
+# kaiming uniform, B = 0, plain rounding), for plots/adapters.py (ApiQ fig. 5). With PAPER_BLOCKS
+# only the first PAPER_BLOCKS blocks (--stop-after; the model stays unfinished, blocks/ and
+# progress.json): done when progress.json lists that many, a killed run calibrates only the rest.
+calib_paper() {  # calib_paper <bits>
+  local name=apiq-bw-paper-w$1 stop=()
+  if [ -n "$PAPER_BLOCKS" ]; then
+    case $PAPER_BLOCKS in *[!0-9]*|0*) echo "results.sh: PAPER_BLOCKS=$PAPER_BLOCKS: a number of blocks > 0" >&2
+      exit 2 ;; esac
+    local have=0 progress="$OUT/$name/progress.json"
+    [ -f "$progress" ] && have=$(python -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["blocks"]))' \
+      "$progress")
+    [ "$have" -ge "$PAPER_BLOCKS" ] && return 0
+    stop=(--stop-after $((PAPER_BLOCKS - have)))
+  fi
+  calib "$name" --bits "$1" --lora-init standard --no-learn-rounding ${stop[@]+"${stop[@]}"}
+}
 evaluate() {  # evaluate <name> <evaluate.py args...>
   local name=$1; shift
   [ -f "$OUT/$name.json" ] || say python evaluate.py --json "$OUT/$name.json" "$@"
 }
 
 STEPS=(sal)
-for b in 2 3; do STEPS+=(calib-bw-w$b calib-lw-w$b calib-bw-sal-after-w$b calib-bw-sal-before-w$b); done
+for b in 2 3; do STEPS+=(calib-bw-w$b calib-bw-paper-w$b calib-lw-w$b calib-bw-sal-after-w$b calib-bw-sal-before-w$b); done
 for b in 2 3 4; do STEPS+=(calib-rtn-w$b calib-qlora-w$b calib-loftq-w$b); done
 STEPS+=(eval-fp)
 for b in 2 3 4; do STEPS+=(eval-rtn-w$b eval-qlora-w$b eval-loftq-w$b); done
@@ -99,6 +118,7 @@ step() {
     study-*-w[0-9]-s[0-9]*) study "${1#study-}" ;;
     figures-study) say python plots/saliency_study.py "$OUT/study" ;;
     calib-bw-w[0-9]) calib "apiq-bw-w${1#calib-bw-w}" --bits "${1#calib-bw-w}" ;;
+    calib-bw-paper-w[0-9]) calib_paper "${1#calib-bw-paper-w}" ;;
     calib-lw-w[0-9]) calib "apiq-lw-w${1#calib-lw-w}" --method lw --bits "${1#calib-lw-w}" ;;
     calib-rtn-w[0-9]|calib-qlora-w[0-9]|calib-loftq-w[0-9]) local m=${1#calib-}; m=${m%-w*}
       calib "$m-w${1##*-w}" --method "$m" --bits "${1##*-w}" ;;

@@ -26,7 +26,6 @@ real SmolLM2-135M block, and the host memory of calibrating a Llama-2-7B-shaped 
 The machine may be shared: the load average is printed.
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time  # noqa: E401
-from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -72,8 +71,7 @@ def calib_steps(l, fp, X, Y, freqs, steps, hook=lambda k: None):
         return ok
     calibrate.train = timed
     try:  # X^q = X and Y2 = Y, as calibrate.main has them for block 0
-        calibrate.calibrate_block(l, fp, X, X, Y, Y, freqs, calibrate.make_config(**CALIB, epochs=steps), "cpu",
-                                  nullcontext())
+        calibrate.calibrate_block(l, fp, X, X, Y, Y, freqs, calibrate.make_config(**CALIB, epochs=steps), "cpu")
     finally:
         calibrate.train = orig
     return [b - a for a, b in zip(stamps, stamps[1:])]
@@ -87,7 +85,7 @@ def block_inputs(model, tok, l, T):
         X = model.tok_embeddings(calib_windows(tok, 1, T, 0))
         for layer in model.layers[:l]:
             X = layer(X, freqs)
-    return X, calibrate.run_block(model.layers[l], X, freqs, "cpu", nullcontext(), X.dtype), freqs
+    return X, calibrate.run_block(model.layers[l], X, freqs, "cpu"), freqs
 
 
 def category(ev, T):

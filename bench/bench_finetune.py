@@ -11,7 +11,7 @@ The target (issue 12): the cached step >= 0.8x the fp32 + LoRA step's speed.
 
 Memory: peak resident growth of a step at seqlen 128, 256, 512 (batch 1) of the cached model,
 each in a fresh process after a warm-up step (glibc told to unmap big buffers when freed); its
-slope is the activation memory per token, from which README's 7B estimate is made.
+slope is the activation memory per token, from which docs/scaling.md's 7B estimate is made.
 """
 import argparse
 import copy

@@ -1,4 +1,4 @@
-"""The scripts on a GPU: what a session lent one runs (README "On one GPU").
+"""The scripts on a GPU: what a session lent one runs (docs/scaling.md).
 
   1. end to end on CUDA, on a random 4-block toy with the Llama-2 tokenizer: calibrate.py (bf16,
      the default on a GPU), evaluate.py (cached and --packed), finetune.py, saliency.py (whole and

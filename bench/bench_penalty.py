@@ -20,13 +20,13 @@ import copy
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import calibrate  # noqa: E402
+import fastpath  # noqa: E402
 from data import calib_windows  # noqa: E402
 from llama import load  # noqa: E402
 from saliency import compute_saliency, make_penalty  # noqa: E402
@@ -40,13 +40,13 @@ ROUNDS = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 4   # 
 PASS = int(argv[argv.index("--pass") + 1]) if "--pass" in argv else 0         # sequences of the alpha pass
 model, tok = load("smollm2-135m")
 tokens = calib_windows(tok, 4, T, 0)
-freqs, ctx = model.freqs_cis(T, "cpu"), nullcontext()
+freqs = model.freqs_cis(T, "cpu")
 with torch.no_grad():
     X = model.tok_embeddings(tokens)
 fp = model.layers[0]
-Y = calibrate.run_block(fp, X, freqs, "cpu", ctx, X.dtype)
+Y = calibrate.run_block(fp, X, freqs, "cpu")
 base = dict(bits=2, group_size=64, rank=64, epochs=2, quick=QUICK, seqlen=T)  # the rest: the paper's or --quick's
-merges = calibrate.merges
+merges = fastpath.merges
 res = {"plain": [], "after": [], "after (separate LoRA path)": [], "before": []}
 for r in range(ROUNDS + 1):  # round 0 is warm-up
     for k in res:
@@ -54,11 +54,11 @@ for r in range(ROUNDS + 1):  # round 0 is warm-up
         a = calibrate.make_config(**base, saliency=None if k == "plain" else SAL,
                                   sal_variant="after" if k == "plain" else variant)
         pen = None if k == "plain" else make_penalty(model, a.saliency, a.sal_lambda, a.sal_multiplier, a.sal_variant)
-        # "after" forms W_eff = Q(W) + s B A once a step (calibrate.effective); the separate row is
+        # "after" forms W_eff = Q(W) + s B A once a step (fastpath.merged_weight); the separate row is
         # the step before that: the forward's LoRA path, and the penalty's own B A
-        calibrate.merges = (lambda penalty, q: False) if "separate" in k else merges
+        fastpath.merges = (lambda penalty, q: False) if "separate" in k else merges
         t = time.perf_counter()
-        calibrate.calibrate_block(0, fp, X, X, Y, Y if a.aug_loss else None, freqs, a, "cpu", ctx, pen)
+        calibrate.calibrate_block(0, fp, X, X, Y, Y if a.aug_loss else None, freqs, a, "cpu", pen)
         if r:
             res[k].append((time.perf_counter() - t) / (a.epochs * len(X)))
 p = statistics.median(res["plain"])

@@ -1,7 +1,7 @@
 """Memory of calibration, saliency and finetuning for Llama-2-7B / 13B and Llama-2-70B on one GPU,
 on paper: the shapes and this code's data layout, with the per-token and per-weight figures
 measured on SmolLM2 and on the synthetic 7B checkpoint (bench/bench_7b.py, bench_finetune.py;
-README "On one GPU"). Prints a Markdown table; no model is loaded.
+docs/scaling.md). Prints a Markdown table; no model is loaded.
 
     python bench/memory_table.py                       # the paper's settings (128 x 2048, bf16, r 64, g64)
     python bench/memory_table.py --nsamples 64 --seqlen 512 --learn-rounding    # --long's recipe
@@ -80,12 +80,12 @@ def measure(dim, learn_rounding):
     n = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
     cfg = calibrate.make_config(nsamples=2, seqlen=64, epochs=1, dtype="bf16", device="cpu",
                                 learn_rounding=learn_rounding)
-    freqs, ctx = precompute_freqs_cis(dim // args.n_heads, 64, args.rope_theta), torch.autocast("cpu", torch.bfloat16)
+    freqs = precompute_freqs_cis(dim // args.n_heads, 64, args.rope_theta)
     X = torch.randn(2, 64, dim, dtype=torch.bfloat16)                           # (n, T, dim)
-    Y = calibrate.run_block(block, X, freqs, "cpu", ctx, X.dtype)
+    Y = calibrate.run_block(block, X, freqs, "cpu")
     base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 2**20
     reset_peak_memory("cpu")
-    calibrate.calibrate_block(0, block, X, X, Y, None, freqs, cfg, torch.device("cpu"), ctx)
+    calibrate.calibrate_block(0, block, X, X, Y, None, freqs, cfg, torch.device("cpu"))
     print(f"width {dim}: {n / 1e6:.1f}M weights; calibrating the block grew resident memory by "
           f"{(peak_memory_gib('cpu') - base) * GIB / n:.1f} bytes a weight (learned rounding: {learn_rounding})")
 

@@ -28,7 +28,8 @@ def linear_inputs(model):
 def test_saliency_in_bf16_accumulates_fp32_alpha_close_to_fp32(tiny_ckpt):
     from data import calib_windows
     from llama import LINEARS, load
-    from saliency import compute_saliency, streamed_saliency
+    from saliency import Saliency, compute_saliency
+    from scaleout import streamed_saliency
     _, tok = load(str(tiny_ckpt))
     windows = calib_windows(tok, 3, 64, seed=0)                                   # (3, 64)
     fp32 = compute_saliency(load(str(tiny_ckpt))[0], windows, "cpu")
@@ -38,7 +39,7 @@ def test_saliency_in_bf16_accumulates_fp32_alpha_close_to_fp32(tiny_ckpt):
     remove()
     assert seen == {(torch.bfloat16, torch.bfloat16)}                             # nothing ran in fp32
     host, _ = load(str(tiny_ckpt), dtype=None)                                    # --stream: host model as stored
-    streamed16 = streamed_saliency(host, windows, "cpu", dtype=torch.bfloat16)
+    streamed16 = Saliency(*streamed_saliency(host, windows, "cpu", dtype=torch.bfloat16))
     assert next(host.parameters()).dtype == torch.float32                         # the host copy is untouched
     for run in (whole16, streamed16):
         assert run.losses == pytest.approx(fp32.losses, rel=2e-2)

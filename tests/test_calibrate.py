@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ def args(**kw):
 
 
 def block_error(block, X, Y, freqs):
-    return calibrate.block_mse(block, X, Y, freqs, "cpu", nullcontext())
+    return calibrate.block_mse(block, X, Y, freqs, "cpu")
 
 
 @pytest.mark.parametrize("method", ["bw", "lw"])
@@ -35,13 +34,13 @@ def test_apiq_block_error_far_below_qlora_and_loftq(method):
     fp = model.layers[0]
     X = torch.randn(8, 32, 64)                                            # (n, T, dim)
     freqs = model.freqs_cis(32, "cpu")
-    Y = calibrate.run_block(fp, X, freqs, "cpu", nullcontext(), X.dtype)
+    Y = calibrate.run_block(fp, X, freqs, "cpu")
     qlora = copy.deepcopy(fp)
     swap_linears(qlora, lambda lin: init_linear(lin, "qlora", 2, 32, 8))
     loftq = copy.deepcopy(fp)
     swap_linears(loftq, lambda lin: init_linear(lin, "loftq", 2, 32, 8, loftq_iters=5))
     a = args(method=method, epochs=20 if method == "bw" else 10, lr_clip=1e-2, lr_lora=2e-3)
-    apiq, _ = calibrate.calibrate_block(0, fp, X, X, Y, None, freqs, a, "cpu", nullcontext())
+    apiq, _ = calibrate.calibrate_block(0, fp, X, X, Y, None, freqs, a, "cpu")
     errs = {name: block_error(b, X, Y, freqs) for name, b in [("qlora", qlora), ("loftq", loftq), ("apiq", apiq)]}
     assert errs["loftq"] < errs["qlora"], errs
     # bw trains the whole block against its output; lw only each linear against its own output
@@ -56,7 +55,7 @@ def test_nan_loss_retries_then_stops_with_a_clear_message():
     Y = torch.full_like(X, float("nan"))
     freqs = model.freqs_cis(8, "cpu")
     with pytest.raises(FloatingPointError, match="block 3: the loss became NaN/inf twice"):
-        calibrate.calibrate_block(3, model.layers[0], X, X, Y, None, freqs, args(epochs=1), "cpu", nullcontext())
+        calibrate.calibrate_block(3, model.layers[0], X, X, Y, None, freqs, args(epochs=1), "cpu")
 
 
 def test_real_smollm2_first_blocks_calibrate(smollm2, data_dir):
@@ -66,19 +65,18 @@ def test_real_smollm2_first_blocks_calibrate(smollm2, data_dir):
     model, tok = smollm2
     tokens = calib_windows(tok, 4, 64, seed=0, data_dir=data_dir)
     freqs = model.freqs_cis(64, "cpu")
-    ctx = nullcontext()
     with torch.no_grad():
         X = model.tok_embeddings(tokens)
     Xq = X
     a = args(group_size=64, rank=16, epochs=8)
     for l in range(2):
         fp = model.layers[l]
-        Y = calibrate.run_block(fp, X, freqs, "cpu", ctx, X.dtype)
+        Y = calibrate.run_block(fp, X, freqs, "cpu")
         before = block_error(calibrate.quant_block(fp, a, l), Xq, Y, freqs)
-        qb, retries = calibrate.calibrate_block(l, fp, X, Xq, Y, Y, freqs, a, "cpu", ctx)
+        qb, retries = calibrate.calibrate_block(l, fp, X, Xq, Y, Y, freqs, a, "cpu")
         after = block_error(qb, Xq, Y, freqs)
         assert retries == 0 and after < 0.8 * before, (l, before, after)
-        X, Xq = Y, calibrate.run_block(qb, Xq, freqs, "cpu", ctx, X.dtype)
+        X, Xq = Y, calibrate.run_block(qb, Xq, freqs, "cpu")
 
 
 def calib_cmd(ckpt, out, *extra):
@@ -140,7 +138,7 @@ def test_svd_start_and_learned_rounding():
         assert (w - m.effective_weight()).norm() < 0.9 * (w - m.qweight()).norm(), name
     X = torch.randn(4, 16, 64)
     freqs = model.freqs_cis(16, "cpu")
-    Y = calibrate.run_block(fp, X, freqs, "cpu", nullcontext(), X.dtype)
+    Y = calibrate.run_block(fp, X, freqs, "cpu")
     seen = {}
     orig = calibrate.train
 
@@ -152,7 +150,7 @@ def test_svd_start_and_learned_rounding():
         return ok
     calibrate.train = spy
     try:
-        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, None, freqs, a, "cpu", nullcontext())
+        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, None, freqs, a, "cpu")
     finally:
         calibrate.train = orig
     offsets = torch.cat([v.flatten() for v in seen["offsets"]])

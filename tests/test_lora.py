@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import QuantLinear, init_linear, loftq_init, lora_init, qlora_init, quant_linears, swap_linears, use_qweights
+from fastpath import use_qweights
+from lora import QuantLinear, init_linear, loftq_init, lora_init, qlora_init, quant_linears, swap_linears
 from quant import dequantize, fake_quant, rtn, unpack
 
 

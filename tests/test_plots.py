@@ -190,3 +190,57 @@ def test_peers_plot_and_row_families(tmp_path, monkeypatch):
     png = tmp_path / "peers.png"
     r = sh("plots/peers.py", tmp_path, "--dataset", "c4", "--out", png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in r.stdout
+
+
+def test_adapter_stats_are_population_moments(monkeypatch):
+    """plots/adapters.py's skew and excess kurtosis on large samples of known distributions:
+    uniform (0, -1.2), Gaussian (0, 0), exponential (2, 6); std is the population one."""
+    monkeypatch.syspath_prepend(str(ROOT / "plots"))
+    import adapters
+    g = torch.Generator().manual_seed(0)
+    n = 10 ** 6
+    samples = {"uniform": (torch.rand(n, generator=g, dtype=torch.float64), 0.0, -1.2, 0.02),
+               "gaussian": (torch.randn(n, generator=g, dtype=torch.float64), 0.0, 0.0, 0.03),
+               "exponential": (torch.empty(n, dtype=torch.float64).exponential_(generator=g), 2.0, 6.0, 0.4)}
+    for name, (x, skew, kurt, tol) in samples.items():
+        s = adapters.stats(x.float())
+        assert s["n"] == n and s["max_abs"] == pytest.approx(x.abs().max().item(), rel=1e-6), name
+        assert s["std"] == pytest.approx(x.std(correction=0).item(), rel=1e-5), name
+        assert abs(s["skew"] - skew) < (0.1 if name == "exponential" else 0.01), (name, s)
+        assert abs(s["excess_kurtosis"] - kurt) < tol, (name, s)
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0])                       # by hand: mean 4, deviations -3 -2 -1 6
+    m2, m3, m4 = 50 / 4, 180 / 4, 1394 / 4
+    s = adapters.stats(x)
+    assert s["skew"] == pytest.approx(m3 / m2 ** 1.5) and s["excess_kurtosis"] == pytest.approx(m4 / m2 ** 2 - 3)
+
+
+def test_adapter_factors_from_blocks_dir_equal_the_finished_model(tiny_ckpt, tmp_path, monkeypatch, one_thread):
+    """An unfinished calibration (--stop-after: blocks/block_NNN.safetensors) and the finished model
+    it becomes (model.safetensors) give plots/adapters.py the same factors of the same block, under
+    the same names; the figure of a finished model beside a 1-block one is cut to block 0."""
+    import shutil
+
+    import calibrate
+    from llama import LINEARS
+    monkeypatch.syspath_prepend(str(ROOT / "plots"))
+    import adapters
+    out = tmp_path / "apiq-bw-w2"
+    cfg = dict(ckpt=str(tiny_ckpt), rank=8, group_size=32, threads=1, nsamples=2, seqlen=32, epochs=1)
+    calibrate.main(calibrate.make_config(**cfg, out=str(out), stop_after=1))
+    part = tmp_path / "apiq-bw-paper-w2"
+    shutil.copytree(out, part)                                    # what the stopped run left
+    assert not (part / "model.safetensors").exists() and (part / "blocks" / "block_000.safetensors").is_file()
+    calibrate.main(calibrate.make_config(**cfg, out=str(out)))    # continues to the finished model
+    assert (out / "model.safetensors").is_file() and not (out / "blocks").exists()
+    assert sorted(adapters.sources(part)) == [0] and sorted(adapters.sources(out)) == [0, 1, 2, 3]
+    got, want = adapters.read_factors(part), adapters.read_factors(out, blocks={0})
+    assert sorted(got) == sorted(want) == [(0, f"layers.0.{n}") for n in sorted(LINEARS)]
+    for k in want:
+        assert torch.equal(got[k]["A"], want[k]["A"]) and torch.equal(got[k]["B"], want[k]["B"]), k
+        assert got[k]["A"].shape[0] == got[k]["B"].shape[1] == 8    # r x in, out x r
+    assert adapters.read_factors(part, layer="layers.0.attention.wq").keys() == {(0, "layers.0.attention.wq")}
+    shutil.copytree(tmp_path / "apiq-bw-w2", tmp_path / "loftq-w2")  # any finished model as the third
+    r = sh("plots/adapters.py", tmp_path, "--out", tmp_path / "a.png")
+    assert "blocks 0 only" in r.stdout and (tmp_path / "a.png").is_file(), r.stdout
+    n_a = sum(v["A"].numel() for v in want.values())
+    assert sum(f"A: n {n_a}," in ln for ln in r.stdout.splitlines()) == 3, r.stdout

@@ -1,7 +1,6 @@
 """saliency.py: alpha is the sum of per-sequence squared gradients (checked against torch.func),
 the penalty of eq. (2) reaches the parameters its variant says, lambda_l = lambda * multiplier^l,
 lambda = 0 is plain ApiQ bit for bit, a foreign saliency is refused, and the real SmolLM2 works."""
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ import calibrate
 from llama import ModelArgs, Transformer
 from llama import LINEARS
 from lora import quant_linears
-from saliency import (SaliencyPenalty, check_saliency, compute_saliency, load_block_saliency,
-                      make_penalty, model_shape, save_saliency)
+import fastpath
+from runs import check_saliency, load_block_saliency, model_shape, save_saliency
+from saliency import Saliency, SaliencyPenalty, compute_saliency, make_penalty
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96)
 
@@ -106,7 +106,7 @@ def test_penalty_gradient_reaches_what_the_variant_says(tiny_saliency, variant):
 @pytest.mark.parametrize("variant,weighted", [("after", True), ("before", True), ("after", False)])
 def test_written_out_gradients_equal_autograd(variant, weighted):
     """WeightedDistance's hand-written backward against autograd through the plain formula."""
-    from saliency import WeightedDistance
+    from fastpath import WeightedDistance
     g = torch.Generator().manual_seed(3)
     w, alpha = torch.randn(48, 32, generator=g), torch.rand(48, 32, generator=g) if weighted else None
     q, B, A = (torch.randn(*s, generator=g).requires_grad_() for s in ((48, 32), (48, 8), (8, 32)))
@@ -124,7 +124,7 @@ def test_written_out_gradients_equal_autograd(variant, weighted):
 
 @pytest.mark.parametrize("objective", ["bw", "lw"])
 def test_merged_w_eff_step_equals_the_separate_lora_path(tiny_saliency, monkeypatch, objective):
-    """With the AfterLoRA penalty a step forms W_eff = Q(W) + s B A once (calibrate.effective) for
+    """With the AfterLoRA penalty a step forms W_eff = Q(W) + s B A once (fastpath.merged_weight) for
     the forward and the penalty: loss and every gradient as with the separate LoRA path."""
     model, out, _, _ = tiny_saliency
     qb = quant_block(model)
@@ -133,20 +133,20 @@ def test_merged_w_eff_step_equals_the_separate_lora_path(tiny_saliency, monkeypa
     torch.manual_seed(4)
     xq = torch.randn(2, 16, 64)                                                # (B, T, dim)
     freqs = model.freqs_cis(16, "cpu")
-    y = calibrate.run_block(model.layers[0], xq, freqs, "cpu", nullcontext(), xq.dtype)
+    y = calibrate.run_block(model.layers[0], xq, freqs, "cpu")
     pen = SaliencyPenalty(out, 1e3, 1.0, "after")
     name, lin = next(iter(linears.items()))
 
     def step():
         if objective == "bw":
-            loss, _ = calibrate.bw_objective(qb, linears, xq, y, None, freqs, nullcontext(), pen, 0)
+            loss, _ = calibrate.bw_objective(qb, xq, y, freqs, None, pen, 0)
         else:
-            loss, _ = calibrate.lw_objective(name, lin, xq, xq, lin.weight, nullcontext(), pen, 0)
+            loss, _ = calibrate.lw_objective(name, lin, xq, xq, lin.weight, pen, 0)
         return loss, torch.autograd.grad(loss, params, allow_unused=True)
 
-    assert calibrate.merges(pen, lin.qweight()) and not calibrate.merges(pen, lin.qweight().bfloat16())
+    assert fastpath.merges(pen, lin.qweight()) and not fastpath.merges(pen, lin.qweight().bfloat16())
     merged = step()
-    monkeypatch.setattr(calibrate, "merges", lambda penalty, q: False)
+    monkeypatch.setattr(fastpath, "merges", lambda penalty, q: False)
     separate = step()
     torch.testing.assert_close(merged[0], separate[0], rtol=1e-5, atol=0)
     used = [(a, b) for a, b in zip(merged[1], separate[1]) if b is not None]
@@ -180,10 +180,10 @@ def test_lambda_zero_is_plain_apiq_bw_bit_for_bit(tiny_saliency):
     X = torch.randn(4, 16, 64)                                                 # (n, T, dim)
     freqs = model.freqs_cis(16, "cpu")
     fp = model.layers[0]
-    Y = calibrate.run_block(fp, X, freqs, "cpu", nullcontext(), X.dtype)
+    Y = calibrate.run_block(fp, X, freqs, "cpu")
 
     def trained(a):
-        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", nullcontext(), penalty_of(a, model))
+        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", penalty_of(a, model))
         return {k: v for k, v in qb.state_dict().items()}
 
     assert penalty_of(args(saliency=str(out), sal_lambda=0.0), model) is None
@@ -236,12 +236,12 @@ def test_streamed_saliency_equals_the_whole_model_pass(smollm2, data_dir):
     """One block at a time (the model on the host, recomputing each block's forward) gives the
     alpha of the whole-model pass on the real SmolLM2, fp32."""
     from data import calib_windows
-    from saliency import streamed_saliency
+    from scaleout import streamed_saliency
     model, tok = smollm2
     windows = calib_windows(tok, 2, 64, seed=0)                                    # (2, 64)
     whole = compute_saliency(model, windows, "cpu")
     done = []
-    streamed = streamed_saliency(model, windows, "cpu", on_block=lambda l, b: done.append(l) or b)
+    streamed = Saliency(*streamed_saliency(model, windows, "cpu", on_block=lambda l, b: done.append(l) or b))
     assert done == list(reversed(range(model.args.n_layers)))                     # from the top, each once
     assert streamed.losses == pytest.approx(whole.losses, rel=1e-6)
     for l, (a, b) in enumerate(zip(whole.alphas, streamed.alphas)):

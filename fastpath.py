@@ -1,0 +1,137 @@
+"""Speed devices: the same numbers as the formulas of quant.py, lora.py, calibrate.py and
+saliency.py, computed with fewer passes over the weights or less memory. None of them changes the
+math; each is tested against the plain formula (tests/test_lora.py, tests/test_saliency.py).
+
+- qmatmul / PackedMatmul: x Q(W)^T for a QuantLinear, from its cached Q(W), its packed codes
+  (dequantized in the forward and again in the backward, so autograd keeps ~2.6 bits a weight,
+  not a dequantized copy: finetune.py --packed), or fake_quant of W (calibration).
+- step_weights / use_qweights: one calibration step quantizes every linear once and hands the
+  same Q(W) tensors to the forward and to the saliency penalty; with the AfterLoRA penalty in
+  fp32 it forms W_eff = Q(W) + s B A once, the forward is x W_eff^T alone (at a few hundred tokens
+  about the cost of the LoRA path x Q^T + s (x A^T) B^T) and the penalty needs no B A of its own
+  (bench/bench_penalty.py).
+- WeightedDistance: sum_i alpha_i (w_i - W_eff,i)^2 of Cao & Aref eq. (2) with its gradients
+  written out, half the passes of autograd over the block's weights.
+- square_grads_into: the saliency pass squares each weight's gradient into its accumulator the
+  moment autograd has it and drops it, so no full set of gradients ever exists.
+- autocast_like: bf16 / fp16 activations compute their matmuls under autocast.
+
+    python -c "import torch, fastpath; print(fastpath.autocast_like(torch.zeros(1, dtype=torch.bfloat16)))"
+"""
+from contextlib import contextmanager, nullcontext
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+
+def autocast_like(x):
+    """Autocast to x's dtype where it is bf16 / fp16 (weights and cached activations in that
+    dtype, matmuls under autocast, CUDA and CPU alike), nothing in fp32."""
+    return nullcontext() if x.dtype == torch.float32 else torch.autocast(x.device.type, dtype=x.dtype)
+
+
+def _square_into(acc, p):
+    g = p.grad.float()                     # a new tensor unless the grad is fp32 already: free to square in place
+    acc.add_(g.square_().to(acc.device))   # acc += (dL / dw)^2
+    p.grad = None                          # so the next sequence starts from nothing, and memory is freed now
+
+
+def square_grads_into(w, acc):
+    """From now on each backward adds (dL/dw)^2 to `acc` (w's shape) and frees w.grad; returns the
+    hook's handle (.remove() it when done)."""
+    w.requires_grad_(True)
+    return w.register_post_accumulate_grad_hook(partial(_square_into, acc))
+
+
+# ---- x Q(W)^T
+
+def qmatmul(x, m):
+    """x Q(W)^T + bias for QuantLinear m (..., in) -> (..., out). While training the adapters of a
+    packed model (no cached Q(W)), through PackedMatmul: Q(W) is not kept for the backward."""
+    bias = None if m.bias is None else m.bias.to(x.dtype)
+    if m.q_cache is None and m.quantized and torch.is_grad_enabled() and x.requires_grad:
+        y = PackedMatmul.apply(x, m)
+        return y if bias is None else y + bias
+    return F.linear(x, m.qweight().to(x.dtype), bias)
+
+
+class PackedMatmul(torch.autograd.Function):
+    """x Q(W)^T with Q(W) dequantized from the codes in the forward and again in the backward (for
+    dL/dx = g Q(W)). The same values as F.linear with the dequantized weight; Q(W) itself gets no
+    gradient (it is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, m):
+        ctx.m = m
+        return F.linear(x, m.qweight().to(x.dtype))                       # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g @ ctx.m.qweight().to(g.dtype), None                      # (..., in)
+
+
+# ---- one calibration step's weights
+
+def merged_weight(m, q):
+    """W_eff = Q(W) + s B A (out, in) of QuantLinear m, differentiable in Q(W), B and A."""
+    return torch.addmm(q, m.B, m.A, alpha=m.scaling)
+
+
+def merges(penalty, q) -> bool:
+    """Whether a step computes W_eff once: with the AfterLoRA penalty, in fp32. In bf16 / fp16 a
+    small s B A would round away in one low-precision W_eff, so there the forward keeps the
+    separate LoRA path and the penalty its own B A."""
+    return penalty is not None and penalty.variant == "after" and q.dtype == torch.float32
+
+
+def step_weights(linears, penalty=None):
+    """(the weights one step applies, merged): Q(W) of each QuantLinear, differentiable in gamma,
+    beta (and the rounding offsets), or W_eff = Q(W) + s B A where merges() says so."""
+    qs = [m.qweight() for m in linears]
+    merged = merges(penalty, qs[0])
+    return ([merged_weight(m, q) for m, q in zip(linears, qs)] if merged else qs), merged
+
+
+@contextmanager
+def use_qweights(linears, qs, merged=False):
+    """Inside the block, each QuantLinear of `linears` applies the given Q(W) (still in the
+    autograd graph) instead of computing its own; merged=True: the tensors are W_eff and the
+    forward is x W_eff^T alone, without the separate LoRA path."""
+    try:
+        for m, q in zip(linears, qs):
+            m.q_cache, m.merged = q, merged
+        yield
+    finally:
+        for m in linears:
+            m.q_cache, m.merged = None, False
+
+
+# ---- the distance of Cao & Aref eq. (2)
+
+class WeightedDistance(torch.autograd.Function):
+    """sum_i alpha_i (w_i - W_eff,i)^2 with W_eff = q + s B A (B, A given: AfterLoRA) or q
+    (BeforeLoRA), alpha None: alpha_i = 1. With r = w - W_eff its gradients are
+
+        d/dq = -2 alpha r,   d/dB = s (d/dq) A^T,   d/dA = s B^T (d/dq)."""
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)                                    # fp32 whatever the caller's context
+    def forward(ctx, w, q, alpha, B, A, s):
+        r = w.float() - q.float()                                            # (out, in)
+        if B is not None:
+            r = torch.addmm(r, B, A, alpha=-s)                               # w - q - s B A
+        ar = r if alpha is None else alpha * r
+        ctx.save_for_backward(ar, B, A)
+        ctx.s, ctx.q_dtype = s, q.dtype
+        return torch.dot(ar.flatten(), r.flatten())
+
+    @staticmethod
+    def backward(ctx, g):
+        ar, B, A = ctx.saved_tensors
+        gq = ar * (-2 * g)                                                   # (out, in)
+        gB = gA = None
+        if B is not None:
+            gB, gA = (gq @ A.T) * ctx.s, (B.T @ gq) * ctx.s                  # (out, r), (r, in)
+        return None, gq.to(ctx.q_dtype), None, gB, gA, None

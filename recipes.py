@@ -1,0 +1,70 @@
+"""Beyond the papers: the recipes that fit ApiQ into a CPU budget, and their presets.
+
+The ApiQ paper calibrates 128 windows of 2048 tokens for 20 epochs with A random, B = 0 and
+constant learning rates (calibrate.Config's defaults). On a CPU that is days for SmolLM2; these
+options buy most of its quality in minutes (measured in bench/bench_recipes.py; docs/recipes.md):
+
+- SVD start (--lora-init svd): A, B from the rank-r SVD of W - Q(W) at the starting clipping
+  (one step of LoftQ's Algorithm 1), so the block starts at Q + s B A, closer to W than Q alone.
+- learned rounding (--learn-rounding): a rounding offset V per weight in [-0.5, 0.5] as in
+  AutoRound (SignRound, Cheng et al. 2023), code = clamp(round(W / step + V) + zero) (quant.py);
+  its own AdamW group without weight decay, clamped after every step. The codes stay N-bit.
+- schedules (--lr-schedule): the learning rates decay to 0 over a block's steps, linearly or
+  along a cosine; the finetuning recipe of ApiQ's official scripts uses the cosine (finetune.py).
+- presets: --quick and --long of calibrate.py, --quick of finetune.py.
+
+    python calibrate.py --quick          # = the flags of QUICK below
+"""
+import math
+
+import torch
+
+from lora import svd_split
+
+# calibrate.py: the CPU options; --quick also drops the --aug-loss term (no measured effect with them)
+CPU_OPTIONS = dict(lora_init="svd", learn_rounding=True, lr_schedule="cosine", lr_lora=2e-3, lr_clip=1e-2)
+QUICK = dict(nsamples=32, seqlen=256, epochs=2, aug_loss=False, **CPU_OPTIONS)
+LONG = dict(nsamples=64, seqlen=512, epochs=4, **CPU_OPTIONS)
+# finetune.py: the local WikiText-2 train text (68k tokens) once in 256-token windows, 16 windows
+# a step, a higher rate for the few steps
+FINETUNE_QUICK = dict(seqlen=256, epochs=1, batch_size=4, grad_accum=4, lr=1e-3, eval_limit=10)
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def preset(given: dict, quick=None, long=None) -> dict:
+    """The settings given, a preset filling what was not: --quick's or --long's."""
+    if given.get("quick") and given.get("long"):
+        raise ValueError("--quick and --long are two recipes: give one")
+    return ((quick or {}) if given.get("quick") else (long or {}) if given.get("long") else {}) | given
+
+
+def lr_factor(schedule, step, total):
+    """Multiplier of the learning rates at `step` of `total`: 1 (constant, the paper's calibration),
+    decaying linearly, or along a cosine from 1 to 0."""
+    if schedule == "linear":
+        return 1 - step / total
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+    return 1.0
+
+
+@torch.no_grad()
+def svd_start(m):
+    """A, B of QuantLinear m from the rank-r SVD of W - Q(W) at its starting clipping."""
+    B, A = svd_split(m.weight.float() - m.qweight().float(), m.rank, m.scaling)
+    m.B.copy_(B)                                                                  # (out, r)
+    m.A.copy_(A)                                                                  # (r, in)
+
+
+def rounding_group(linears, lr):
+    """The AdamW parameter group of the rounding offsets of `linears` (none without --learn-rounding)."""
+    offsets = [p for m in linears for p in m.round_parameters()]
+    return [{"params": offsets, "lr": lr, "weight_decay": 0.0}] if offsets else []
+
+
+@torch.no_grad()
+def clamp_offsets(linears):
+    """V stays a rounding offset: W / step moves by less than one code."""
+    for m in linears:
+        for v in m.round_parameters():
+            v.clamp_(-0.5, 0.5)

@@ -1,0 +1,250 @@
+"""Run bookkeeping of calibrate.py, saliency.py and finetune.py: output directory names, resuming
+a killed run with the same settings, the per-block files (calibrated blocks, saliency), the
+per-block log, finetuning checkpoints. Every file goes through cli.atomic_write, and the file
+that marks a run finished (apiq.json, saliency.json, finetune_log.json) is written last.
+
+    OUT/blocks/block_NNN.safetensors + OUT/progress.json     a calibration under way (calibrate.py)
+    OUT/block_NNN.safetensors + OUT/saliency.json             a saliency directory (saliency.py)
+    OUT/checkpoint.pt                                         a finetuning under way (finetune.py)
+
+    python -c "import runs; print(runs.output_dir(None, 'smollm2-135m', 'out/{name}-apiq-bw'))"
+"""
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from cli import atomic_write, peak_memory_gib, write_json
+from llama import LINEARS
+from lora import QuantLinear, quant_linears, weight_errors
+from qmodel import linear_part, linear_tensors
+
+SALIENCY_FORMAT = "apiq-saliency-v1"
+CHUNK = 4  # windows at a time in block_log
+SHAPE_KEYS = ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
+
+
+# ---- names and resuming
+
+def output_dir(out, ckpt, pattern) -> Path:
+    """--out when given, else `pattern` filled with {name}: the checkpoint's file or directory
+    name (.gguf dropped) or the checkpoint name as given, and {path}: the checkpoint as given."""
+    if out:
+        return Path(out)
+    name = Path(ckpt).name.removesuffix(".gguf") if Path(ckpt).exists() else ckpt
+    return Path(pattern.format(name=name, path=str(ckpt).rstrip("/")))
+
+
+def refuse_finished(out: Path, marker: str, what: str):
+    if (out / marker).exists():
+        raise ValueError(f"{out} already holds a finished {what}: choose another --out (nothing was overwritten)")
+
+
+def check_same_settings(out: Path, old: dict, settings: dict):
+    """A run continues in OUT only with the settings that started it."""
+    diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+    if diff:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}): use the same settings "
+                         f"to continue it or another --out (nothing was overwritten)")
+
+
+# ---- calibrate.py: blocks, their log, what apiq.json records
+
+def resume_blocks(out: Path, settings: dict) -> list:
+    """The per-block logs of the finished blocks of an earlier run of the same settings in OUT."""
+    refuse_finished(out, "apiq.json", "model")
+    progress = out / "progress.json"
+    if not progress.exists():
+        return []
+    old = json.loads(progress.read_text())
+    check_same_settings(out, old["settings"], settings)
+    print(f"resuming {out}: {len(old['blocks'])} block(s) already calibrated")
+    return old["blocks"]
+
+
+def save_block(out: Path, l: int, qblock):
+    from safetensors.torch import save_file
+    tensors = {k: v for name, m in quant_linears(qblock) for k, v in linear_tensors(name, m).items()}
+    atomic_write(out / "blocks" / f"block_{l:03d}.safetensors", lambda tmp: save_file(tensors, tmp))
+
+
+def save_progress(out: Path, settings: dict, logs: list):
+    write_json(out / "progress.json", {"settings": settings, "blocks": logs})
+
+
+def load_block(out: Path, l: int, fp_block, cfg, device):
+    """The quantized block l of an earlier run, as calibrate.calibrate_block returned it."""
+    from safetensors.torch import load_file
+    t = load_file(str(out / "blocks" / f"block_{l:03d}.safetensors"), device=str(device))
+    qblock = copy.deepcopy(fp_block, memo={id(p): p for p in fp_block.parameters()})
+    for name in LINEARS:
+        lin = fp_block.get_submodule(name)
+        m = QuantLinear.from_export(linear_part(t, name), cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha,
+                                    tuple(lin.weight.shape), weight=lin.weight, device=device)
+        m.cache_qweight()
+        parent, _, child = name.rpartition(".")
+        setattr(qblock.get_submodule(parent), child, m)
+    return qblock
+
+
+def block_log(l, qblock, fp_block, Xq_next, Y, mse_before, retries, t0, device, penalty):
+    """What progress.json and calib_log.json record of block l: its activation error before and
+    after, also relative to the target's mean square (SmolLM2 grows a huge hidden-state channel
+    at block 11), its weight error, time and peak memory, and the penalty's balance."""
+    sq_err = sq_ref = 0.0
+    for i in range(0, len(Y), CHUNK):            # in chunks: no fp32 copy of all of (n, T, dim) on the device
+        y = Y[i:i + CHUNK].float()
+        sq_err += (Xq_next[i:i + CHUNK].float() - y).pow(2).sum().item()
+        sq_ref += y.pow(2).sum().item()
+    mse_after, target_ms = sq_err / Y.numel(), sq_ref / Y.numel()
+    log = {"block": l, "mse_before": mse_before, "mse_after": mse_after, "target_ms": target_ms,
+           "rel_before": mse_before / target_ms, "rel_after": mse_after / target_ms,
+           "weight_error": math.sqrt(sum(r["error"] ** 2 for r in weight_errors(qblock, fp_block))),
+           "retries": retries, "seconds": round(time.time() - t0, 2), "peak_gib": round(peak_memory_gib(device), 3)}
+    if penalty is not None:
+        log.update(penalty.report(l, dict(quant_linears(qblock)), mse_after))
+    return log
+
+
+def print_log(log, n_layers, prev_target_ms):
+    from tqdm import tqdm
+    line = (f"block {log['block']:2d}/{n_layers}: mse {log['mse_before']:.4g} -> {log['mse_after']:.4g} "
+            f"(rel {log['rel_before']:.3%} -> {log['rel_after']:.3%}), {log['seconds']:.1f} s, "
+            f"peak {log['peak_gib']:.2f} GiB")
+    if log["retries"]:
+        line += f", retried {log['retries']}x"
+    if "penalty" in log:
+        line += f", penalty {log['penalty']:.4g} ({log['penalty_over_mse']:.3g} x mse)"
+    if prev_target_ms and log["target_ms"] > 10 * prev_target_ms:
+        line += (f"\n  (the hidden states' mean square grew x{log['target_ms'] / prev_target_ms:.0f} here: a few "
+                 f"huge channels appear, so the absolute mse jumps; the relative error compares blocks)")
+    tqdm.write(line)
+
+
+# settings a method does not use, left out of what apiq.json records
+DATA_SETTINGS = ("nsamples", "seqlen", "epochs", "batch_size", "seed", "lr_clip", "lr_lora", "wd", "aug_loss",
+                 "dataset", "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty", "sal_ratio",
+                 "lr_schedule", "learn_rounding", "lr_round", "lora_init", "stop_after", "data_dir")
+UNUSED = {"rtn": ("rank", "lora_alpha", "loftq_iters"), "qlora": ("loftq_iters",), "loftq": ()}
+
+
+def method_name(method: str) -> str:
+    """apiq-bw, apiq-lw, or the data-free init's name: what apiq.json and the default --out call it."""
+    return f"apiq-{method}" if method in ("bw", "lw") else method
+
+
+def made_by(cfg, **extra) -> dict:
+    """What apiq.json records of how the model was made: the settings this method uses."""
+    data_free = cfg.method in UNUSED
+    skip = set(UNUSED.get(cfg.method, ("loftq_iters",))) | (set(DATA_SETTINGS) | {"quick", "long"} if data_free
+                                                              else set())
+    settings = {k: v for k, v in vars(cfg).items() if k not in skip}
+    return {"method": method_name(cfg.method), "source": cfg.ckpt, "made_by": settings, **extra}
+
+
+# ---- saliency.py: a directory of per-block alphas
+
+def model_shape(args) -> dict:
+    return {k: getattr(args, k) for k in SHAPE_KEYS}
+
+
+def save_saliency_block(out, l, block) -> dict:
+    """Write block l's alphas ({linear name: alpha}) atomically; returns its stats for saliency.json."""
+    from safetensors.torch import save
+    data = save({n: a.detach().cpu().contiguous() for n, a in block.items()})  # one block's bytes
+    atomic_write(Path(out) / f"block_{l:03d}.safetensors", data)
+    total = sum(a.double().sum().item() for a in block.values())
+    count = sum(a.numel() for a in block.values())
+    return {"block": l, "mean": total / count, "max": max(a.max().item() for a in block.values()),
+            "zero_fraction": sum((a == 0).sum().item() for a in block.values()) / count,
+            "linear_mean": {n: a.double().mean().item() for n, a in block.items()}}
+
+
+def save_saliency(out, alphas, meta):
+    """Write the block files, then saliency.json with `meta` and per-block stats (atomically)."""
+    stats = [save_saliency_block(out, l, block) for l, block in enumerate(alphas)]
+    write_json(Path(out) / "saliency.json", {"format": SALIENCY_FORMAT, **meta, "blocks": stats})
+
+
+def load_block_saliency(path, l) -> dict:
+    """{linear name: alpha (out, in) fp32} of block l."""
+    from safetensors.torch import load_file
+    f = Path(path) / f"block_{l:03d}.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"{f} does not exist: an unfinished or foreign saliency directory")
+    return {n: a.float() for n, a in load_file(str(f)).items()}
+
+
+def check_saliency(path, model) -> dict:
+    """The saliency.json of `path`, after checking that it was computed for this model's shape."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not (path / "saliency.json").exists():
+        raise FileNotFoundError(f"--saliency {path}: no saliency.json there (not a saliency directory, or "
+                                f"saliency.py did not finish)")
+    meta = json.loads((path / "saliency.json").read_text())
+    have, want = meta.get("model", {}), model_shape(model.args)
+    diff = [f"{k} {have.get(k)} there, {v} here" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise ValueError(f"--saliency {path} was computed for another model ({meta.get('ckpt')}: "
+                         f"{', '.join(diff)}): run saliency.py on this checkpoint")
+    for l, layer in enumerate(model.layers):   # headers only: cheap
+        f = path / f"block_{l:03d}.safetensors"
+        if not f.exists():
+            raise FileNotFoundError(f"--saliency {path}: {f.name} is missing")
+        with safe_open(str(f), framework="pt") as st:
+            for name in LINEARS:
+                shape = tuple(layer.get_submodule(name).weight.shape)
+                got = tuple(st.get_slice(name).get_shape()) if name in st.keys() else None
+                if got != shape:
+                    raise ValueError(f"--saliency {path}: {f.name} {name} has shape {got}, the model's "
+                                     f"layers.{l}.{name} has {shape}")
+    return meta
+
+
+def saliency_meta(cfg, model, losses, seconds, world, rss_loaded, device) -> dict:
+    """What saliency.json records besides the per-block stats: model, data, time, memory."""
+    from cli import DTYPES, rss_gib
+    params = {id(p): p for p in model.parameters()}.values()                  # tied embeddings once
+    n_alpha = sum(m.weight.numel() for layer in model.layers for m in (layer.get_submodule(n) for n in LINEARS))
+    meta = {"ckpt": cfg.ckpt, "model": model_shape(model.args), "dataset": cfg.dataset, "nsamples": cfg.nsamples,
+            "seqlen": cfg.seqlen, "seed": cfg.seed, "dtype": cfg.dtype, "alpha_dtype": cfg.alpha_dtype,
+            "streamed": cfg.stream, "processes": world,
+            "seconds": round(seconds, 1), "seconds_per_sequence": round(seconds * world / cfg.nsamples, 2),
+            "mean_loss": sum(losses) / len(losses),
+            "model_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "alpha_gib": n_alpha * DTYPES[cfg.alpha_dtype].itemsize / 2**30,
+            "rss_after_load_gib": round(rss_loaded, 3), "peak_rss_gib": round(rss_gib(peak=True), 3)}
+    if device.type == "cuda":
+        meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return meta
+
+
+# ---- finetune.py: checkpoints
+
+def resume_finetune(out: Path, settings: dict, params: dict, opt) -> tuple[int, list, float]:
+    """(first step, log so far, seconds spent) of an earlier run of the same settings in OUT, its
+    adapters and optimizer state loaded; (0, [], 0) for a fresh start."""
+    refuse_finished(out, "finetune_log.json", "finetuning")
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.exists():
+        if (out / "apiq.json").exists():
+            raise ValueError(f"{out} holds a model that this finetuning did not make: choose another --out")
+        return 0, [], 0.0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    check_same_settings(out, state["settings"], settings)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["adapters"][name])
+    opt.load_state_dict(state["optimizer"])
+    print(f"resuming {out}: step {state['step']} done")
+    return state["step"], state["log"], state["seconds"]
+
+
+def save_checkpoint(out, step, settings, params, opt, log, seconds):
+    state = {"step": step, "settings": settings, "adapters": {k: p.detach().cpu() for k, p in params.items()},
+             "optimizer": opt.state_dict(), "log": log, "seconds": seconds}
+    atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
