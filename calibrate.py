@@ -333,7 +333,7 @@ def main(cfg: Config):
     # the block being calibrated is copied, converted and moved to the device
     model, tok = load(cfg.ckpt, device="cpu", dtype=None)
     require_fp(model, cfg.ckpt)
-    check_linears(model, cfg.group_size)
+    check_linears(model, cfg.group_size, 0 if cfg.method == "rtn" else cfg.rank)
     if cfg.method not in INITS:
         check_seqlen(model.args, cfg.seqlen)
     round_kept_params(model)                 # embeddings/norms as they will be stored

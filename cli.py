@@ -53,7 +53,8 @@ def run(main, *args):
     except USER_ERRORS as e:
         if os.environ.get("APIQ_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")      # one write: torchrun's ranks share the stream
+        sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -153,6 +154,15 @@ def as_flags(preset: dict) -> str:
                     else f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: argument --bits: invalid int value:
+    'x' (see --help)` and exit 2, without the usage block above it."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def add_config_args(p: argparse.ArgumentParser, cls, shown_defaults=None):
     """One --flag per field of dataclass `cls`, with its default in the help. A flag that is not
     given is absent from the parsed namespace (argparse.SUPPRESS), so presets can fill it."""
@@ -171,7 +181,7 @@ def add_config_args(p: argparse.ArgumentParser, cls, shown_defaults=None):
 def parse_config(cls, description, argv=None, build=None):
     """The config dataclass `cls` from the command line: its flags, then build(**given)
     (default cls itself; a preset-aware builder can fill what was not given)."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     add_config_args(p, cls)
     return (build or cls)(**vars(p.parse_args(argv)))
 

@@ -32,14 +32,35 @@ def data_root(data_dir=None):
     return d if d.is_dir() else None
 
 
+def hub_dataset(*args, **kw):
+    """datasets.load_dataset(*args, **kw) where no local data directory was found; one line, fast,
+    where the hub cannot be reached (instead of its retries and a ConnectionError traceback)."""
+    import socket
+    from urllib.parse import urlparse
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    how = ("no local data: give --data-dir DIR or set APIQ_DATA_DIR (a directory in the ../shared/data layout: "
+           "wikitext2_raw/, c4/), or put one at ../shared/data beside this repository")
+    if not offline:
+        from huggingface_hub import constants
+        url = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+        except OSError as e:
+            raise FileNotFoundError(f"{how}; the datasets hub is not reachable either ({e})") from None
+    from datasets import load_dataset
+    try:
+        return load_dataset(*args, **kw)
+    except Exception as e:                # ConnectionError, an offline cache miss, a hub error
+        raise FileNotFoundError(f"{how}; datasets could not load {args[0]} either: {str(e).splitlines()[0]}") from None
+
+
 def wikitext2_rows(split, data_dir=None):
     """Rows as Hugging Face's wikitext-2-raw-v1 has them: each line with its '\\n', blank lines ''."""
     if split not in WIKITEXT_FILES:
         raise ValueError(f"unknown WikiText-2 split {split!r}: choose from {', '.join(WIKITEXT_FILES)}")
     root = data_root(data_dir)
     if root is None:
-        from datasets import load_dataset
-        return load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+        return hub_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
     for name in WIKITEXT_FILES[split]:
         f = root / "wikitext2_raw" / name
         if f.exists():
@@ -52,8 +73,7 @@ def c4_docs(data_dir=None):
     """C4 en validation documents (local: the 2000-document sample; online: shard 0)."""
     root = data_root(data_dir)
     if root is None:
-        from datasets import load_dataset
-        return load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+        return hub_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                             split="validation")["text"]
     f = root / "c4" / "c4_validation_2k.jsonl"
     if not f.exists():
@@ -149,12 +169,10 @@ def train_windows(tok, seqlen, source="wikitext2", data_dir=None) -> torch.Tenso
 
 
 if __name__ == "__main__":
-    import argparse
-
-    from cli import run
+    from cli import ArgumentParser, run
     from llama import load
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default="smollm2-135m", help="model whose tokenizer counts the tokens")
     p.add_argument("--data-dir", default=None, help="local data directory (../shared/data layout)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length")

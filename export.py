@@ -23,13 +23,13 @@ weights are no longer on the N-bit grid. The base is the fake-quantized model in
 transformers has no kernel for this repo's packed codes, so the export is for compatibility
 (evaluation harnesses, serving stacks, further finetuning), not for memory.
 """
-import argparse
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from cli import DTYPES, atomic_write, check_writable, run, write_json
+from cli import DTYPES, ArgumentParser, atomic_write, check_writable, run, write_json
 from llama import HF_NAMES, hf_permute, rename
 from lora import adapters, quant_linears
 from qmodel import is_kept
@@ -155,33 +155,51 @@ def write_tokenizer(tok, out: Path, max_len: int):
 
 def export(src, out, dtype="fp32", merge=False, force=False):
     """Write the transformers base (and, unless merge, the PEFT adapter) of quantized directory
-    `src` under `out`. Returns (base dir, adapter dir or None)."""
-    from safetensors.torch import save_file
-
-    from qmodel import load_quantized
+    `src` under `out`. Returns (base dir, adapter dir or None). Everything is written into a hidden
+    sibling `.<out>.partial` that is renamed to `out` when complete: a crash, kill or Ctrl-C leaves
+    no directory that looks like an export, and the same command starts it again."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: the export is a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"{out} exists and is not empty: choose another directory or pass --force to overwrite")
+    from qmodel import load_quantized
     model, tok = load_quantized(src, cache=False)             # ValueError: not a (finished) quantized model
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)                # what a killed export left
+    check_writable(partial)
+    try:
+        has_adapter = write_export(src, partial, model, tok, dtype, merge, final=out)
+        if out.exists():
+            shutil.rmtree(out)                                # empty, or --force
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return (out if merge else out / "base"), (out / "adapter" if has_adapter else None)
+
+
+def write_export(src, out, model, tok, dtype, merge, final) -> bool:
+    """The export's files under `out` (its final place: `final`); returns whether it has an adapter."""
+    from safetensors.torch import save_file
     base = out if merge else out / "base"
-    check_writable(base)
+    base.mkdir(parents=True, exist_ok=True)
     tensors = base_tensors(model, DTYPES[dtype], merge)
     atomic_write(base / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     tied = model.output.weight is model.tok_embeddings.weight
     write_tokenizer(tok, base, model.args.max_seq_len)
     write_json(base / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
-    adapter = None
-    if not merge and adapters(model):
-        adapter = out / "adapter"
-        config, lora = adapter_files(model, base)
-        check_writable(adapter)
-        atomic_write(adapter / "adapter_model.safetensors", lambda tmp: save_file(lora, tmp, metadata={"format": "pt"}))
-        write_json(adapter / "adapter_config.json", config)
+    has_adapter = not merge and bool(adapters(model))
+    if has_adapter:
+        config, lora = adapter_files(model, final / "base")
+        atomic_write(out / "adapter" / "adapter_model.safetensors",
+                     lambda tmp: save_file(lora, tmp, metadata={"format": "pt"}))
+        write_json(out / "adapter" / "adapter_config.json", config)
     # how the model was made, for the record (not named apiq.json: the export is a Hugging Face
     # directory, and `--ckpt base/` must load it as one: llama.load reads its config.json)
     shutil.copyfile(Path(src) / "apiq.json", base / "apiq_source.json")
-    write_json(base / "config.json", hf_config(model.args, tied, tok, dtype))   # last: a complete directory
-    return base, adapter
+    write_json(base / "config.json", hf_config(model.args, tied, tok, dtype))
+    return has_adapter
 
 
 def main(a):
@@ -190,7 +208,7 @@ def main(a):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("src", help="quantized model directory (calibrate.py or finetune.py wrote it)")
     p.add_argument("out", help="export directory (base/ and adapter/ inside; with --merge the model itself)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the exported weights (default fp32)")

@@ -115,7 +115,7 @@ def load_student(cfg):
     """(model, tok, source info): the quantized model with only A, B trainable (cached Q(W): a
     step costs what a full-precision LoRA step costs), or with --fp-lora the full-precision model
     with plain LoRA on its block linears."""
-    from qmodel import load, read_quantized_config
+    from qmodel import check_linears, load, read_quantized_config
     dtype = DTYPES[cfg.dtype]
     model, tok = load(cfg.ckpt, device=cfg.device, dtype=dtype, cache=not cfg.packed)
     if is_quantized(model):
@@ -127,6 +127,7 @@ def load_student(cfg):
         raise ValueError(f"{cfg.ckpt} is full precision: calibrate it first (calibrate.py --method bw|lw|qlora|loftq "
                          f"--ckpt {cfg.ckpt}) or pass --fp-lora for plain LoRA on the full-precision weights")
     else:
+        check_linears(model, 1, cfg.rank)
         torch.manual_seed(cfg.seed)
         for block in model.layers:
             swap_linears(block, lambda lin: LoraLinear(lin, cfg.rank, cfg.lora_alpha).to(cfg.device))

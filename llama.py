@@ -514,6 +514,9 @@ def load(ckpt: str = "smollm2-135m", device="cpu", dtype=torch.float32):
     if path.is_dir() and (path / "progress.json").exists():
         raise ValueError(f"{path} is an unfinished calibration (no apiq.json yet): rerun its calibrate.py "
                          f"command to finish it")
+    if path.is_dir() and (path / "checkpoint.pt").exists():
+        raise ValueError(f"{path} is an unfinished finetuning (no apiq.json yet): rerun its finetune.py "
+                         f"command to finish it")
     if path.is_file():
         from gguf import GGUFReader
         from tokenizer import GGUFTokenizer

@@ -57,12 +57,17 @@ def require_fp(model, what):
         raise ValueError(f"{what} is already quantized: give the full-precision checkpoint")
 
 
-def check_linears(model, group_size):
+def check_linears(model, group_size, rank=0):
+    """Every block linear must split into groups of group_size inputs and hold a rank-`rank` adapter."""
     for l, layer in enumerate(model.layers):
         for name in llama.LINEARS:
-            n_in = layer.get_submodule(name).in_features
-            if group_size <= 0 or n_in % group_size:
-                raise ValueError(f"--group-size {group_size} does not divide the {n_in} inputs of layers.{l}.{name}")
+            lin = layer.get_submodule(name)
+            if group_size <= 0 or lin.in_features % group_size:
+                raise ValueError(f"--group-size {group_size} does not divide the {lin.in_features} inputs of "
+                                 f"layers.{l}.{name}")
+            if rank > min(lin.in_features, lin.out_features):
+                raise ValueError(f"--rank {rank} is above the dimensions of layers.{l}.{name} "
+                                 f"({lin.out_features} x {lin.in_features}): a rank-r adapter needs r <= both")
 
 
 @torch.no_grad()
@@ -148,12 +153,23 @@ def save_quantized(model, tok, out, info: dict, kept: dict = None):
                                    "linears": linears, **info})
 
 
+def unfinished_run(path: Path):
+    """What a directory that a run left unfinished is, or None."""
+    if (path / "progress.json").exists():
+        return "an unfinished calibration: rerun its calibrate.py command to finish it"
+    if (path / "checkpoint.pt").exists():
+        return "an unfinished finetuning: rerun its finetune.py command to finish it"
+    return None
+
+
 def read_quantized_config(path) -> dict:
     path = Path(path)
     if not (path / "apiq.json").is_file():
-        what = "an unfinished calibration" if (path / "progress.json").exists() else "not a quantized model"
-        raise ValueError(f"{path}: {what} (no apiq.json)")
-    cfg = json.loads((path / "apiq.json").read_text())
+        raise ValueError(f"{path}: {unfinished_run(path) or 'not a quantized model'} (no apiq.json)")
+    try:
+        cfg = json.loads((path / "apiq.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}/apiq.json is truncated or corrupt ({e})") from None
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{path}: apiq.json format {cfg.get('format')!r}, expected {FORMAT!r}")
     return cfg

@@ -59,10 +59,14 @@ def resume_blocks(out: Path, settings: dict) -> list:
     progress = out / "progress.json"
     if not progress.exists():
         return []
-    old = json.loads(progress.read_text())
-    check_same_settings(out, old["settings"], settings)
-    print(f"resuming {out}: {len(old['blocks'])} block(s) already calibrated")
-    return old["blocks"]
+    try:
+        old = json.loads(progress.read_text())
+        old_settings, blocks = old["settings"], old["blocks"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{progress} is corrupt ({e}): delete {out} to start this calibration over") from None
+    check_same_settings(out, old_settings, settings)
+    print(f"resuming {out}: {len(blocks)} block(s) already calibrated")
+    return blocks
 
 
 def save_block(out: Path, l: int, qblock):
@@ -77,8 +81,13 @@ def save_progress(out: Path, settings: dict, logs: list):
 
 def load_block(out: Path, l: int, fp_block, cfg, device):
     """The quantized block l of an earlier run, as calibrate.calibrate_block returned it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    t = load_file(str(out / "blocks" / f"block_{l:03d}.safetensors"), device=str(device))
+    f = out / "blocks" / f"block_{l:03d}.safetensors"
+    try:
+        t = load_file(str(f), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f} is missing or corrupt ({e}): delete {out} to start this calibration over") from None
     qblock = copy.deepcopy(fp_block, memo={id(p): p for p in fp_block.parameters()})
     for name in LINEARS:
         lin = fp_block.get_submodule(name)
@@ -180,12 +189,15 @@ def load_block_saliency(path, l) -> dict:
 
 def check_saliency(path, model) -> dict:
     """The saliency.json of `path`, after checking that it was computed for this model's shape."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not (path / "saliency.json").exists():
         raise FileNotFoundError(f"--saliency {path}: no saliency.json there (not a saliency directory, or "
                                 f"saliency.py did not finish)")
-    meta = json.loads((path / "saliency.json").read_text())
+    try:
+        meta = json.loads((path / "saliency.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--saliency {path}: saliency.json is truncated or corrupt ({e})") from None
     have, want = meta.get("model", {}), model_shape(model.args)
     diff = [f"{k} {have.get(k)} there, {v} here" for k, v in want.items() if have.get(k) != v]
     if diff:
@@ -195,13 +207,16 @@ def check_saliency(path, model) -> dict:
         f = path / f"block_{l:03d}.safetensors"
         if not f.exists():
             raise FileNotFoundError(f"--saliency {path}: {f.name} is missing")
-        with safe_open(str(f), framework="pt") as st:
-            for name in LINEARS:
-                shape = tuple(layer.get_submodule(name).weight.shape)
-                got = tuple(st.get_slice(name).get_shape()) if name in st.keys() else None
-                if got != shape:
-                    raise ValueError(f"--saliency {path}: {f.name} {name} has shape {got}, the model's "
-                                     f"layers.{l}.{name} has {shape}")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                shapes = {name: tuple(st.get_slice(name).get_shape()) for name in st.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"--saliency {path}: {f.name} is truncated or corrupt ({e})") from None
+        for name in LINEARS:
+            shape = tuple(layer.get_submodule(name).weight.shape)
+            if shapes.get(name) != shape:
+                raise ValueError(f"--saliency {path}: {f.name} {name} has shape {shapes.get(name)}, the model's "
+                                 f"layers.{l}.{name} has {shape}")
     return meta
 
 
@@ -234,8 +249,13 @@ def resume_finetune(out: Path, settings: dict, params: dict, opt) -> tuple[int, 
         if (out / "apiq.json").exists():
             raise ValueError(f"{out} holds a model that this finetuning did not make: choose another --out")
         return 0, [], 0.0
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    check_same_settings(out, state["settings"], settings)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        old_settings = state["settings"]
+    except Exception as e:                     # truncated zip, not a checkpoint, a foreign pickle
+        raise ValueError(f"{ckpt} is truncated or corrupt ({str(e).splitlines()[0]}): delete it to start this "
+                         f"finetuning over") from None
+    check_same_settings(out, old_settings, settings)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["adapters"][name])

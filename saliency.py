@@ -28,6 +28,7 @@ OUT/saliency.json, written last (runs.py). Memory, bf16 and --stream (one block 
 a time), torchrun: docs/scaling.md and scaleout.py.
 """
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -215,6 +216,8 @@ def main(cfg: Config):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_device(cfg.device, DTYPES[cfg.dtype])
+    if cfg.nsamples < int(os.environ.get("WORLD_SIZE", "1")):          # before any rank waits for another
+        raise ValueError(f"--nsamples {cfg.nsamples} is fewer than the {os.environ['WORLD_SIZE']} torchrun processes")
     rank, world, device = process_group(torch.device(cfg.device))
     dtype = DTYPES[cfg.dtype]
     if rank == 0:
@@ -226,8 +229,6 @@ def main(cfg: Config):
     windows = calib_windows(tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.data_dir)  # (n, T)
     if world > 1:
         check_ranks_agree(model, windows, device, model_shape(model.args))
-        if cfg.nsamples < world:
-            raise ValueError(f"--nsamples {cfg.nsamples} is fewer than the {world} torchrun processes")
     mine = windows[rank::world]                                                 # this rank's sequences
     rss_loaded = rss_gib()
     t0 = time.time()

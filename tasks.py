@@ -35,7 +35,7 @@ import json
 import re
 from typing import NamedTuple
 
-from data import data_root
+from data import data_root, hub_dataset
 
 TASKS = ("winogrande", "hellaswag", "arc_challenge", "arc_easy", "piqa")  # Table 1's order
 ACC_NORM = ("hellaswag", "arc_challenge", "arc_easy", "piqa")  # the harness reports only acc for winogrande
@@ -64,10 +64,9 @@ def read_jsonl(path):
 def arc(level, data_dir=None) -> list[Item]:
     root = data_root(data_dir)
     if root is None:
-        from datasets import load_dataset
         rows = [{"question": {"stem": r["question"], "choices": [{"text": t, "label": lab} for t, lab in
                  zip(r["choices"]["text"], r["choices"]["label"])]}, "answerKey": r["answerKey"]}
-                for r in load_dataset("allenai/ai2_arc", f"ARC-{level}", split="test")]
+                for r in hub_dataset("allenai/ai2_arc", f"ARC-{level}", split="test")]
     else:
         rows = read_jsonl(root / "arc" / f"ARC-{level}-Test.jsonl")
     items = []
@@ -82,8 +81,7 @@ def arc(level, data_dir=None) -> list[Item]:
 def piqa(data_dir=None) -> list[Item]:
     root = data_root(data_dir)
     if root is None:
-        from datasets import load_dataset
-        rows = list(load_dataset("baber/piqa", split="validation"))
+        rows = list(hub_dataset("baber/piqa", split="validation"))
     else:
         rows = read_jsonl(root / "piqa" / "valid.jsonl")
         labels = (root / "piqa" / "valid-labels.lst").read_text().split()
@@ -104,10 +102,9 @@ def hellaswag_preprocess(text):
 def hellaswag(data_dir=None) -> list[Item]:
     root = data_root(data_dir)
     if root is None:
-        from datasets import load_dataset
         return [Item(hellaswag_preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize()),
                      [" " + hellaswag_preprocess(e) for e in r["endings"]], int(r["label"]))
-                for r in load_dataset("Rowan/hellaswag", split="validation")]
+                for r in hub_dataset("Rowan/hellaswag", split="validation")]
     path = root / "hellaswag" / "hellaswag_val_full.txt.bz2"
     if not path.exists():
         raise FileNotFoundError(f"no task file at {path}")
@@ -123,9 +120,8 @@ def hellaswag(data_dir=None) -> list[Item]:
 def winogrande(data_dir=None) -> list[Item]:
     root = data_root(data_dir)
     if root is None:
-        from datasets import load_dataset
         items = []
-        for r in load_dataset("allenai/winogrande", "winogrande_xl", split="validation"):
+        for r in hub_dataset("allenai/winogrande", "winogrande_xl", split="validation"):
             i = r["sentence"].index("_")
             items.append(Item([r["sentence"][:i] + r["option1"], r["sentence"][:i] + r["option2"]],
                               [" " + r["sentence"][i + 1:].strip()], int(r["answer"]) - 1))
@@ -146,11 +142,10 @@ def load_task(name, data_dir=None) -> list[Item]:
 
 
 if __name__ == "__main__":
-    import argparse
 
-    from cli import run
+    from cli import ArgumentParser, run
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None, help="local data directory (../shared/data layout)")
 
     def main(a):

@@ -3,7 +3,6 @@ the methods' names, and saving a figure so that an interrupted run leaves no hal
 
 A results directory holds `<method>-w<bits>.json` (evaluate.py --json), `fp.json`, and the saved
 models `<method>-w<bits>/` (model.safetensors with each linear's A and B)."""
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cli import ArgumentParser  # noqa: E402
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display needed
@@ -36,9 +36,9 @@ def family(method: str) -> str:
     return "apiq-lw" if method.startswith("apiq-lw") else method.split("-")[0]
 
 
-def parser(doc: str, png: str, methods: str = None) -> argparse.ArgumentParser:
+def parser(doc: str, png: str, methods: str = None) -> ArgumentParser:
     """The scripts' arguments; with `methods` (the default list) also --bits and --methods."""
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p = ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("results", nargs="?", default="out/results", help="results directory (default out/results)")
     p.add_argument("--out", default=f"figures/{png}", help=f"PNG to write (default figures/{png})")
     if methods is not None:

@@ -80,7 +80,7 @@ def test_losses_against_evaluate_and_kd_of_a_model_with_itself(tiny_ckpt, data_d
     import finetune
     from evaluate import window_nll
     from llama import load
-    cfg = config(tiny_ckpt, "unused", fp_lora=True)
+    cfg = config(tiny_ckpt, "unused", fp_lora=True, rank=8)
     model, tok, source = finetune.load_student(cfg)                     # fp + LoRA, B = 0: the fp model's outputs
     x = finetune.train_windows(tok, 64, "wikitext2")[:2]                # (2, 64)
     ref, _ = load(str(tiny_ckpt))
@@ -127,7 +127,7 @@ def test_loss_curve_plot_and_table(tiny_ckpt, tiny_qlora, tmp_path):
     import finetune
     d = tmp_path / "results"
     finetune.main(config(tiny_qlora, d / "qlora-w2-ft", max_steps=2, eval_before=True))
-    finetune.main(config(tiny_ckpt, d / "fp-lora-ft", max_steps=2, fp_lora=True))
+    finetune.main(config(tiny_ckpt, d / "fp-lora-ft", max_steps=2, fp_lora=True, rank=8))
     assert (d / "fp-lora-ft" / "adapters.safetensors").exists()
     r = subprocess.run([sys.executable, "plots/finetune.py", str(d), "--out", str(tmp_path / "ft.png")], cwd=ROOT,
                        capture_output=True, text=True)
