@@ -7,12 +7,15 @@ range. For a weight W (out x in), per (row, group of `group_size` inputs), N bit
 
     xmax = sigmoid(gamma) * max(group)      xmin = sigmoid(beta) * min(group)        LWC
     step = clamp((xmax - xmin) / (2^N - 1), 1e-5, 1e4)                               eq. (3)
-    zero = round(-xmin / step)                                                       eq. (4)
+    zero = clamp(round(-xmin / step), 0, 2^N - 1)                                    eq. (4)
     code = clamp(round_ste(W / step) + zero, 0, 2^N - 1)                             eq. (5)
     W_hat = (code - zero) * step                                                     eq. (6)
 
-gamma = beta = None is plain round-to-nearest (RTN, clipping factors 1.0). The settings sheet
-is docs/method.md.
+gamma = beta = None is plain round-to-nearest (RTN, clipping factors 1.0). The clamp in eq. (4)
+is ours: the papers write round(-xmin / step), which leaves 0..2^N - 1 for a group whose weights
+all share a sign; clamped, the zero point is an N-bit integer like the codes, as packed formats
+(GPTQ's qzeros, export.py) store it. SmolLM2-135M has no such group (0 of 1,658,880 at 2, 3 and
+4 bits), so there it changes nothing. The settings sheet is docs/method.md.
 
 Pure tensor functions only: quant_params, fake_quant (differentiable, for calibration),
 quantize / dequantize (integer codes for storage), pack / unpack (codes into uint8 bytes).
@@ -52,7 +55,8 @@ def quant_params(w, bits, group_size, gamma=None, beta=None):
     """Scale and zero point, each (out, in // group_size), float32; differentiable in gamma, beta.
 
     The group's own max and min are used: unlike some RTN codes, 0 is not forced into the range
-    (OmniQuant and ApiQ do not), so a group of positive weights gets a negative zero point.
+    (OmniQuant and ApiQ do not). A group of positive weights would get a negative zero point; the
+    clamp makes it 0 (and 2^N - 1 for a negative group), so codes above (2^N - 1) * step clip.
     """
     validate(bits, group_size, w.shape[-1])
     g = _groups(w, group_size)
@@ -62,8 +66,9 @@ def quant_params(w, bits, group_size, gamma=None, beta=None):
     if beta is not None:
         xmin = torch.sigmoid(beta) * xmin  # LWC: and of the lower bound
     scale = ((xmax - xmin) / (2**bits - 1)).clamp(1e-5, 1e4)  # eq. (3): step size, (out, n_groups)
-    # plain round: no gradient flows through the zero point, only through the step (official code)
-    zero = torch.round(-xmin / scale)  # eq. (4): zero point, (out, n_groups)
+    # plain round: no gradient flows through the zero point, only through the step (official code);
+    # clamped into the code range, so that it is an N-bit integer (one-signed groups; see the top)
+    zero = torch.round(-xmin / scale).clamp(0, 2**bits - 1)  # eq. (4): zero point, (out, n_groups)
     return scale, zero
 
 

@@ -9,9 +9,9 @@ from quant import dequantize, fake_quant, pack, quant_params, quantize, rtn, unp
 #     W/s = [-1.2, 0.2, 0.7, 1.8] -> round [-1, 0, 1, 2] -> +z codes [0, 1, 2, 3]
 #     W_hat = (codes - 1) * 0.5 = [-0.5, 0, 0.5, 1.0]
 #   group 2 [0.2, 0.5, 0.8, 1.1], all positive (0 is not put into the range):
-#     s = (1.1 - 0.2) / 3 = 0.3, z = round(-0.2 / 0.3 = -0.67) = -1
-#     W/s = [0.67, 1.67, 2.67, 3.67] -> round [1, 2, 3, 4] -> +z codes [0, 1, 2, 3]
-#     W_hat = (codes + 1) * 0.3 = [0.3, 0.6, 0.9, 1.2]
+#     s = (1.1 - 0.2) / 3 = 0.3, z = round(-0.2 / 0.3 = -0.67) = -1, clamped into 0..3: z = 0
+#     W/s = [0.67, 1.67, 2.67, 3.67] -> round [1, 2, 3, 4] -> +z, clamp: codes [1, 2, 3, 3]
+#     W_hat = codes * 0.3 = [0.3, 0.6, 0.9, 0.9]   (unclamped z = -1 would give 1.2 for the last)
 W2 = torch.tensor([[-0.6, 0.1, 0.35, 0.9, 0.2, 0.5, 0.8, 1.1]])
 
 # 3-bit, one group of 8 (levels 0..7):
@@ -24,10 +24,10 @@ W3 = torch.tensor([[-0.6, -0.47, -0.13, 0.05, 0.09, 0.42, 0.8, 0.75]])
 def test_rtn_2bit_by_hand():
     codes, scale, zero = quantize(W2, 2, 4)
     assert codes.dtype == torch.uint8
-    assert codes.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
+    assert codes.tolist() == [[0, 1, 2, 3, 1, 2, 3, 3]]
     torch.testing.assert_close(scale, torch.tensor([[0.5, 0.3]]))
-    assert zero.tolist() == [[1.0, -1.0]]
-    expected = torch.tensor([[-0.5, 0.0, 0.5, 1.0, 0.3, 0.6, 0.9, 1.2]])
+    assert zero.tolist() == [[1.0, 0.0]]
+    expected = torch.tensor([[-0.5, 0.0, 0.5, 1.0, 0.3, 0.6, 0.9, 0.9]])
     torch.testing.assert_close(fake_quant(W2, 2, 4), expected)
     torch.testing.assert_close(rtn(W2, 2, 4), expected)
 
