@@ -75,6 +75,9 @@ def lw_objective(name, lin, x, xq, w, penalty=None, l=0):
     return mse + pen, {"mse": mse.item(), "pen": pen.item()}
 
 
+FUSED_ADAMW = True      # torch's fused AdamW kernel (False: its per-tensor loop, as before; bench/bench_quantizer.py)
+
+
 def train(linears, objective, n, cfg, desc, lr_scale=1.0):
     """AdamW with the paper's two parameter groups, clipping logits and LoRA factors (and the
     rounding offsets of --learn-rounding), cfg.epochs passes over the n windows in fixed order,
@@ -85,7 +88,8 @@ def train(linears, objective, n, cfg, desc, lr_scale=1.0):
     lora = [p for m in linears for p in m.lora_parameters()]
     groups = [{"params": clip, "lr": cfg.lr_clip * lr_scale}, {"params": lora, "lr": cfg.lr_lora * lr_scale}]
     groups += rounding_group(linears, cfg.lr_round * lr_scale)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
+    # fused: one pass over each parameter a step (the rounding offsets are as many as the weights)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.wd, fused=FUSED_ADAMW)
     for p in (p for g in groups for p in g["params"]):
         p.requires_grad_(True)
         p.grad = None
@@ -297,6 +301,8 @@ class Config:
                                     result=False, type=int)
     device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
     threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
+    compile: bool = arg(False, "speed only: the quantizer's two elementwise passes fused by torch.compile "
+                               "(fastpath.compile_quantizer; ~5 s per weight shape once)", result=False)
 
 
 def make_config(**given) -> Config:
@@ -329,6 +335,9 @@ def main(cfg: Config):
     print("config:", json.dumps(asdict(cfg)))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.compile:
+        from fastpath import compile_quantizer
+        compile_quantizer()
     # the checkpoint stays on the host in its own dtype (mmap'd where the format allows): only
     # the block being calibrated is copied, converted and moved to the device
     model, tok = load(cfg.ckpt, device="cpu", dtype=None)

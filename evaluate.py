@@ -218,6 +218,7 @@ class Config:
     seqlen: int = arg(2048, "perplexity window length in tokens")
     tasks: str = arg("", f"comma-separated zero-shot tasks ({', '.join(TASKS)}) or 'all'")
     limit: Optional[int] = arg(None, "only the first N windows of each perplexity dataset", type=int)
+    skip: int = arg(0, "start after the first N windows of each perplexity dataset (with --limit: windows N..N+limit-1)")
     task_limit: Optional[int] = arg(None, "only the first N items of each task (default --limit)", type=int)
     errors: bool = arg(False, "activation error per block and weight error per linear against full precision (figs. 3-4)")
     ref: Optional[str] = arg(None, "full-precision checkpoint for --errors and --prompt (default: the model's source)")
@@ -315,6 +316,8 @@ def main(cfg: Config):
     tasks = list(TASKS) if "all" in tasks else tasks
     if cfg.seqlen <= 0 or any(n is not None and n <= 0 for n in (cfg.limit, cfg.task_limit)) or cfg.error_windows <= 0:
         raise ValueError("--seqlen, --limit, --task-limit and --error-windows must be positive")
+    if cfg.skip < 0:
+        raise ValueError("--skip must be 0 or more")
     check_device(cfg.device, DTYPES[cfg.dtype])
     if cfg.max_new_tokens <= 0 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError("--max-new-tokens must be positive, --temperature >= 0, --top-p in (0, 1]")
@@ -332,7 +335,9 @@ def main(cfg: Config):
         results["errors"] = measure_errors(model, tok, cfg, ref_ckpt)
         results["seconds"]["errors"] = round(time.time() - t, 2)
     for name in datasets:
-        windows = ppl_windows(name, tok, cfg.seqlen, cfg.data_dir)[: cfg.limit]
+        windows = ppl_windows(name, tok, cfg.seqlen, cfg.data_dir)[cfg.skip:][: cfg.limit]
+        if len(windows) == 0:
+            raise ValueError(f"--skip {cfg.skip}: {name} has no window left")
         t = time.time()
         results["ppl"][name] = perplexity(model, windows, cfg.batch_size, desc=name)
         results.setdefault("tokens", {})[name] = windows.numel()

@@ -15,6 +15,11 @@ math; each is tested against the plain formula (tests/test_lora.py, tests/test_s
 - square_grads_into: the saliency pass squares each weight's gradient into its accumulator the
   moment autograd has it and drops it, so no full set of gradients ever exists.
 - autocast_like: bf16 / fp16 activations compute their matmuls under autocast.
+- FakeQuant: quant.fake_quant (LWC, rounding offset, STE) as one autograd Function with its
+  backward written out: the forward keeps no (out, in) intermediate for the backward, which
+  recomputes the codes from W, the step and the zero point; compile_quantizer() fuses each pass
+  into one loop with torch.compile (tests/test_quant.py checks values and gradients against
+  quant.fake_quant, eager and compiled; bench/bench_quantizer.py times them).
 
     python -c "import torch, fastpath; print(fastpath.autocast_like(torch.zeros(1, dtype=torch.bfloat16)))"
 """
@@ -42,6 +47,119 @@ def square_grads_into(w, acc):
     hook's handle (.remove() it when done)."""
     w.requires_grad_(True)
     return w.register_post_accumulate_grad_hook(partial(_square_into, acc))
+
+
+# ---- Q(W) while calibrating
+
+FUSED_QUANT = True      # QuantLinear.qweight() calibrates through FakeQuant; False: quant.fake_quant (reference)
+
+
+def fake_quant(w, bits, group_size, gamma=None, beta=None, offset=None):
+    """quant.fake_quant's values and gradients in gamma, beta, offset, through FakeQuant where it
+    applies (W frozen, both clipping logits given), else through the reference itself."""
+    from quant import fake_quant as reference
+    if not FUSED_QUANT or w.requires_grad or gamma is None or beta is None:
+        return reference(w, bits, group_size, gamma, beta, offset)
+    return FakeQuant.apply(w, gamma, beta, offset, bits, group_size)
+
+
+def _fq_forward(g, step, zero, offset, qmax: int):
+    """W_hat (out, G, gs) from W grouped, step and zero (out, G, 1), the offset V (out, G, gs) or None;
+    one new tensor, the rest in place."""
+    u = g / step
+    if offset is not None:
+        u += offset
+    c = u.round_().add_(zero)                                               # eq. (5) before its clamp
+    return c.clamp_(0, qmax).sub_(zero).mul_(step)                          # eq. (5), eq. (6)
+
+
+def _fq_backward(g, grad, step, zero, offset, qmax: int):
+    """(dL/dstep (out, G), dL/dV (out, G, gs)) from dL/dW_hat = grad, the codes recomputed."""
+    u = g / step
+    if offset is not None:
+        u += offset
+    c = u.round_().add_(zero)
+    q = c.clamp(0, qmax)
+    gm = grad * (q == c)                                                    # G m: the clamp passes the gradient
+    gstep = (grad * q.sub_(zero)).sum(-1) - (gm * g).sum(-1) / step.squeeze(-1)
+    return gstep, gm.mul_(step)
+
+
+_QUANT_KERNELS = {"forward": _fq_forward, "backward": _fq_backward}
+
+
+def compile_quantizer(on=True):
+    """FakeQuant's two elementwise passes through torch.compile (one fused loop each, ~5 s to
+    compile per weight shape, cached on disk by torch) or back to eager. calibrate.py --compile."""
+    if on:
+        _QUANT_KERNELS.update(forward=_compiled(_fq_forward), backward=_compiled(_fq_backward))
+    else:
+        _QUANT_KERNELS.update(forward=_fq_forward, backward=_fq_backward)
+
+
+def _compiled(fn):
+    """torch.compile(fn), falling back to fn itself (the same values) where compiling fails, e.g. on a
+    machine without the C++ compiler that inductor needs on a CPU."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is not fn:
+            try:
+                return compiled(*args)
+            except Exception as e:                          # noqa: BLE001 (any compiler failure)
+                import warnings
+                warnings.warn(f"torch.compile of the quantizer failed ({type(e).__name__}): it runs eagerly")
+                compiled, call.fell_back = fn, True
+        return fn(*args)
+    call.fell_back = False
+    return call
+
+
+class FakeQuant(torch.autograd.Function):
+    """W_hat = (clamp(round(W / step + V) + zero, 0, 2^N - 1) - zero) * step, quant.py's eq. (3)-(6)
+    with LWC (gamma, beta) and the rounding offset V (or none), per (row, group). With
+    c = round(W / step + V) + zero (before the clamp), q its clamped value, m = [0 <= c <= 2^N - 1]
+    and G = dL/dW_hat, the STE gradients autograd takes through quant.fake_quant are
+
+        dL/dV    = G step m
+        dL/dstep = sum_group G ((q - zero) - m W / step)        (zero: round, no gradient)
+        dL/dgamma = dL/dstep [step unclamped] max(group) sigmoid'(gamma) / (2^N - 1),  beta with -min(group)
+
+    The forward saves only per-group tensors (step, zero, clipping factors, max and min); W and V
+    are the caller's tensors, kept anyway, and the backward recomputes the codes from them. The
+    two elementwise passes are _fq_forward and _fq_backward (compiled by compile_quantizer)."""
+
+    @staticmethod
+    def forward(ctx, w, gamma, beta, offset, bits, group_size):
+        out, n_in = w.shape
+        qmax = 2**bits - 1
+        g = w.float().reshape(out, n_in // group_size, group_size)              # (out, G, gs), a view in fp32
+        xmax0, xmin0 = g.amax(-1), g.amin(-1)                                   # (out, G)
+        sg, sb = torch.sigmoid(gamma), torch.sigmoid(beta)
+        raw = (sg * xmax0 - sb * xmin0) / qmax                                  # eq. (3) before its clamp
+        step = raw.clamp(1e-5, 1e4)
+        zero = torch.round(-(sb * xmin0) / step).clamp_(0, qmax)                # eq. (4)
+        v = None if offset is None else offset.float().reshape(g.shape)
+        w_hat = _QUANT_KERNELS["forward"](g, step.unsqueeze(-1), zero.unsqueeze(-1), v, qmax)
+        ctx.save_for_backward(w, offset, step, zero, sg, sb, xmax0, xmin0, raw)
+        ctx.bits, ctx.group_size = bits, group_size
+        return w_hat.reshape(out, n_in).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, offset, step, zero, sg, sb, xmax0, xmin0, raw = ctx.saved_tensors
+        out, n_in = w.shape
+        qmax = 2**ctx.bits - 1
+        g = w.float().reshape(out, n_in // ctx.group_size, ctx.group_size)
+        v = None if offset is None else offset.float().reshape(g.shape)
+        gstep, goffset = _QUANT_KERNELS["backward"](g, grad.float().reshape(g.shape), step.unsqueeze(-1),
+                                                    zero.unsqueeze(-1), v, qmax)
+        gstep = gstep * ((raw >= 1e-5) & (raw <= 1e4))                          # through eq. (3)'s clamp
+        ggamma = gstep * xmax0 * sg * (1 - sg) / qmax
+        gbeta = -gstep * xmin0 * sb * (1 - sb) / qmax
+        goffset = goffset.reshape(offset.shape).to(offset.dtype) if offset is not None else None
+        return None, ggamma.to(sg.dtype), gbeta.to(sb.dtype), goffset, None, None
 
 
 # ---- x Q(W)^T

@@ -23,8 +23,8 @@ from lora import svd_split
 
 # calibrate.py: the CPU options; --quick also drops the --aug-loss term (no measured effect with them)
 CPU_OPTIONS = dict(lora_init="svd", learn_rounding=True, lr_schedule="cosine", lr_lora=2e-3, lr_clip=1e-2)
-QUICK = dict(nsamples=32, seqlen=256, epochs=2, aug_loss=False, **CPU_OPTIONS)
-LONG = dict(nsamples=64, seqlen=512, epochs=4, **CPU_OPTIONS)
+QUICK = dict(nsamples=32, seqlen=256, epochs=2, aug_loss=False, compile=True, **CPU_OPTIONS)
+LONG = dict(nsamples=64, seqlen=512, epochs=4, compile=True, **CPU_OPTIONS)
 # finetune.py: the local WikiText-2 train text (68k tokens) once in 256-token windows, 16 windows
 # a step, a higher rate for the few steps
 FINETUNE_QUICK = dict(seqlen=256, epochs=1, batch_size=4, grad_accum=4, lr=1e-3, eval_limit=10)

@@ -49,24 +49,15 @@ def wikitext2_test(data_dir: Path) -> str:
     return "\n\n".join(line + "\n" if line.strip() else "" for line in lines)
 
 
-def first_windows_ppl(ref, n, threads) -> float:
-    """evaluate.py's perplexity of the source on its first n WikiText-2 windows (1.0 for n = 0)."""
-    if n == 0:
-        return 1.0
+def ref_ppl(ref, start, stop, threads) -> float:
+    """evaluate.py's perplexity of the source on WikiText-2 windows start..stop-1, in its own process."""
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "evaluate.py", "--ckpt", str(ref), "--ppl", "wikitext2", "--limit", str(n),
-               "--threads", str(threads), "--json", f"{d}/r.json"]
+        cmd = [sys.executable, "evaluate.py", "--ckpt", str(ref), "--ppl", "wikitext2", "--skip", str(start),
+               "--limit", str(stop - start), "--threads", str(threads), "--json", f"{d}/r.json"]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"bench_export: evaluate.py failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         return json.loads(Path(f"{d}/r.json").read_text())["ppl"]["wikitext2"]
-
-
-def ref_ppl(ref, start, stop, threads) -> float:
-    """evaluate.py's perplexity on windows start..stop-1: it takes the first N, and its perplexity is
-    exp(mean window NLL), so the chosen windows' mean NLL is (stop ln p_stop - start ln p_start) / (stop - start)."""
-    hi, lo = first_windows_ppl(ref, stop, threads), first_windows_ppl(ref, start, threads)
-    return math.exp((stop * math.log(hi) - start * math.log(lo)) / (stop - start))
 
 
 def windows_of(ids, start, stop, seqlen=2048):

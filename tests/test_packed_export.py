@@ -135,20 +135,32 @@ def test_smollm2_gqa_packed_layout(hf_stack, smollm2, tmp_path):
         assert ((theirs - ours).abs() <= 2e-3 * ours.abs() + 1e-6).all(), name
 
 
+@pytest.fixture(scope="module")
+def tiny_rtn(tiny_ckpt, tmp_path_factory):
+    """RTN of the tiny Llama at a bit width, made once per module: tiny_rtn(bits) -> directory."""
+    made = {}
+
+    def get(bits):
+        if bits not in made:
+            made[bits] = quantize_tiny(tiny_ckpt, tmp_path_factory.mktemp("rtn") / f"w{bits}", "rtn", bits)
+        return made[bits]
+    return get
+
+
 def run_export(*args):
     return subprocess.run([sys.executable, "export.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("extra, words", [(["--merge"], "no --merge"), (["--dtype", "fp32"], "fp16 or bf16")])
-def test_gptq_bad_options_one_line(tiny_ckpt, tmp_path, extra, words):
-    src = quantize_tiny(tiny_ckpt, tmp_path / "q", "rtn", 2)
+def test_gptq_bad_options_one_line(tiny_rtn, tmp_path, extra, words):
+    src = tiny_rtn(2)
     r = run_export(src, tmp_path / "out", "--format", "gptq", *extra)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_gptq_bits_it_cannot_hold_and_a_zero_out_of_range(tiny_ckpt, tmp_path):
-    src = quantize_tiny(tiny_ckpt, tmp_path / "q5", "rtn", 5)
+def test_gptq_bits_it_cannot_hold_and_a_zero_out_of_range(tiny_ckpt, tiny_rtn, tmp_path):
+    src = tiny_rtn(5)
     r = run_export(src, tmp_path / "out5", "--format", "gptq")
     assert r.returncode == 2 and "5-bit codes" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out5").exists() and not list(tmp_path.glob(".out5*"))
@@ -200,11 +212,11 @@ def test_gguf_q4_1_and_lora(smollm2, tmp_path):
     assert len(t) == 2 * 7 * q.args.n_layers
 
 
-def test_gguf_refuses_what_q4_1_cannot_hold(tiny_ckpt, tmp_path):
-    src = quantize_tiny(tiny_ckpt, tmp_path / "q", "rtn", 2)
+def test_gguf_refuses_what_q4_1_cannot_hold(tiny_rtn, tmp_path):
+    src = tiny_rtn(2)
     r = run_export(src, tmp_path / "out", "--format", "gguf")
     assert r.returncode == 2 and "writes Q4_1" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
-    src = quantize_tiny(tiny_ckpt, tmp_path / "q4", "rtn", 4)                   # 4 bits, but Llama-2's SentencePiece
+    src = tiny_rtn(4)                                                           # 4 bits, but Llama-2's SentencePiece
     r = run_export(src, tmp_path / "out", "--format", "gguf")
     assert r.returncode == 2 and "SentencePieceTokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr

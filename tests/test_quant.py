@@ -142,3 +142,77 @@ def test_bad_settings_raise(bits, group_size):
 def test_pack_rejects_codes_out_of_range():
     with pytest.raises(ValueError, match="0..3"):
         pack(torch.tensor([0, 4]), 2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("logit", [4.0, -1.0])        # clipping factor 0.98 (few codes clamped), 0.27 (many)
+def test_fused_fake_quant_equals_the_reference(bits, logit):
+    """fastpath.FakeQuant: the same W_hat bit for bit, and the gradients in gamma, beta and the
+    rounding offset within fp32 rounding of autograd's through quant.fake_quant, with clamped and
+    unclamped codes and a one-signed group (its zero point clamped) among them."""
+    from fastpath import FakeQuant
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(32, 256, generator=g) * 0.05
+    w[3, :64] = w[3, :64].abs() + 0.01
+    gamma = (logit + 0.3 * torch.randn(32, 4, generator=g)).requires_grad_()
+    beta = (logit + 0.3 * torch.randn(32, 4, generator=g)).requires_grad_()
+    offset = (torch.rand(32, 256, generator=g) - 0.5).requires_grad_()
+    up = torch.randn(32, 256, generator=g)                                  # dL/dW_hat
+    step, zero = quant_params(w, bits, 64, gamma, beta)
+    c = torch.round(w.reshape(32, 4, 64) / step.unsqueeze(-1) + offset.reshape(32, 4, 64)) + zero.unsqueeze(-1)
+    clamped = ((c < 0) | (c > 2**bits - 1)).float().mean().item()
+    assert 0 < clamped < 1 and zero[3, 0] == 0                              # both kinds of codes are tested
+    want = fake_quant(w, bits, 64, gamma, beta, offset)
+    want_grads = torch.autograd.grad((want * up).sum(), (gamma, beta, offset))
+    got = FakeQuant.apply(w, gamma, beta, offset, bits, 64)
+    got_grads = torch.autograd.grad((got * up).sum(), (gamma, beta, offset))
+    assert torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_quant_linear_calibrates_through_the_fused_quantizer():
+    """QuantLinear.qweight() while calibrating: the same Q(W) and gradients with FUSED_QUANT on and off."""
+    import fastpath
+    from lora import QuantLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=False)
+    m = QuantLinear.from_linear(lin, bits=2, group_size=64, rank=4, learn_rounding=True)
+    x = torch.randn(5, 128)
+    out = {}
+    for fused in (True, False):
+        fastpath.FUSED_QUANT = fused
+        try:
+            m.zero_grad()
+            m(x).square().sum().backward()
+            out[fused] = [t.clone() for t in (m.qweight(), m.gamma.grad, m.beta.grad, m.offset.grad, m.A.grad)]
+        finally:
+            fastpath.FUSED_QUANT = True
+    assert torch.equal(out[True][0], out[False][0])
+    for a, b in zip(out[True][1:], out[False][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_compiled_quantizer_equals_the_reference():
+    """fastpath.compile_quantizer(): the same W_hat, gradients within fp32 rounding (inductor sums in
+    another order), at 2 and 3 bits with clamped codes."""
+    import fastpath
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    fastpath.compile_quantizer(True)
+    try:
+        for bits in (2, 3):
+            gamma = (-1 + 0.3 * torch.randn(64, 2, generator=g)).requires_grad_()
+            beta = (2 + 0.3 * torch.randn(64, 2, generator=g)).requires_grad_()
+            offset = (torch.rand(64, 128, generator=g) - 0.5).requires_grad_()
+            up = torch.randn(64, 128, generator=g)
+            want = fake_quant(w, bits, 64, gamma, beta, offset)
+            want_grads = torch.autograd.grad((want * up).sum(), (gamma, beta, offset))
+            got = fastpath.FakeQuant.apply(w, gamma, beta, offset, bits, 64)
+            got_grads = torch.autograd.grad((got * up).sum(), (gamma, beta, offset))
+            assert torch.equal(got, want)
+            for a, b in zip(got_grads, want_grads):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+        assert not any(k.fell_back for k in fastpath._QUANT_KERNELS.values())   # compiled, not the eager fallback
+    finally:
+        fastpath.compile_quantizer(False)
