@@ -1,6 +1,6 @@
 """Export a quantized model directory (calibrate.py, finetune.py) to Hugging Face transformers +
 PEFT: the base, and the LoRA factors as a PEFT adapter, which is what the official ApiQ hands to
-its finetuning stage. Nothing of apiq is needed to load the result. Two formats of the base:
+its finetuning stage. Nothing of apiq is needed to load the result. Three formats:
 
   --format gptq  packed: the N-bit codes as GPTQ checkpoints store them (gptq_v2: asymmetric,
                  zero points as they are), which transformers loads through optimum + gptqmodel
@@ -9,7 +9,7 @@ its finetuning stage. Nothing of apiq is needed to load the result. Two formats 
   --format hf    (default) Q(W) dequantized into a plain Llama, fp32/bf16/fp16: any tool that
                  reads a transformers Llama reads it, but it is no smaller than the original.
   --format gguf  4 bits to llama.cpp: OUT/model.gguf with the codes as Q4_1 blocks and OUT/lora.gguf,
-                 the adapter as llama.cpp's GGUF LoRA (`gguf_q4_1`; docs/export.md).
+                 the adapter as llama.cpp's GGUF LoRA (`q4_1_blocks`, `write_gguf`; docs/export.md).
 
     python export.py out/smollm2-135m-apiq-bw-w2g64-quick out/hf/apiq-w2          # -> base/ and adapter/
     python export.py out/... out/gptq/apiq-w2 --format gptq                      # packed base/ and adapter/
@@ -165,13 +165,19 @@ def gptq_config(model) -> dict:
             "meta": {"quantizer": ["apiq"]}}
 
 
+def rank_and_alpha(found: dict, what: str) -> tuple:
+    """The one (rank, lora_alpha) of the adapters `found` ({name: QuantLinear}): PEFT's config and a
+    GGUF LoRA each hold one."""
+    ranks = {(m.rank, m.lora_alpha) for m in found.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the linears have different (rank, lora_alpha) {sorted(ranks)}: {what} wants one")
+    return ranks.pop()
+
+
 def adapter_files(model, base_dir) -> tuple[dict, dict]:
     """(adapter_config.json, adapter_model.safetensors tensors) in PEFT's LoRA format."""
     found = adapters(model)
-    ranks = {(m.rank, m.lora_alpha) for m in found.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"the linears have different (rank, lora_alpha) {sorted(ranks)}: PEFT export wants one")
-    rank, alpha = ranks.pop()
+    rank, alpha = rank_and_alpha(found, "PEFT export")
     tensors = {}
     for name, m in found.items():
         prefix = f"base_model.model.{hf_linear_name(name)}"
@@ -233,8 +239,9 @@ def write_tokenizer(tok, out: Path, max_len: int):
 
 def export(src, out, dtype=None, merge=False, force=False, fmt="hf"):
     """Write the transformers base (and, unless merge, the PEFT adapter) of quantized directory
-    `src` under `out`; fmt "hf" (dequantized, dtype default fp32) or "gptq" (packed, the rest in
-    dtype fp16 or bf16, default fp16). Returns (base dir, adapter dir or None). Everything is written into a hidden
+    `src` under `out`; fmt "hf" (dequantized, dtype default fp32), "gptq" (packed, the rest in
+    dtype fp16 or bf16, default fp16) or "gguf" (4-bit Q4_1, fp16). Returns (base dir, adapter dir
+    or None); for gguf (model.gguf, lora.gguf or None). Everything is written into a hidden
     sibling `.<out>.partial` that is renamed to `out` when complete: a crash, kill or Ctrl-C leaves
     no directory that looks like an export, and the same command starts it again."""
     out = Path(out)
@@ -357,12 +364,10 @@ def write_gguf(model, tok, out: Path) -> bool:
     found = adapters(model)
     if not found:
         return False
-    ranks = {(m.rank, m.lora_alpha) for m in found.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"the linears have different (rank, lora_alpha) {sorted(ranks)}: a GGUF LoRA has one alpha")
+    _, alpha = rank_and_alpha(found, "a GGUF LoRA")
     w = gguf.GGUFWriter(str(out / "lora.gguf"), "llama")
     w.add_type("adapter"), w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", float(ranks.pop()[1]))              # llama.cpp scales by alpha / r
+    w.add_float32("adapter.lora.alpha", float(alpha))                       # llama.cpp scales by alpha / r
     for name, m in found.items():
         base = rename(f"{name}.weight", to_gguf)
         w.add_tensor(f"{base}.lora_a", m.A.detach().float().numpy())         # (r, in): ggml ne = [in, r]

@@ -29,6 +29,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from quant import fake_quant as reference_fake_quant
+
 
 def autocast_like(x):
     """Autocast to x's dtype where it is bf16 / fp16 (weights and cached activations in that
@@ -57,28 +59,28 @@ FUSED_QUANT = True      # QuantLinear.qweight() calibrates through FakeQuant; Fa
 def fake_quant(w, bits, group_size, gamma=None, beta=None, offset=None):
     """quant.fake_quant's values and gradients in gamma, beta, offset, through FakeQuant where it
     applies (W frozen, both clipping logits given), else through the reference itself."""
-    from quant import fake_quant as reference
     if not FUSED_QUANT or w.requires_grad or gamma is None or beta is None:
-        return reference(w, bits, group_size, gamma, beta, offset)
+        return reference_fake_quant(w, bits, group_size, gamma, beta, offset)
     return FakeQuant.apply(w, gamma, beta, offset, bits, group_size)
 
 
-def _fq_forward(g, step, zero, offset, qmax: int):
-    """W_hat (out, G, gs) from W grouped, step and zero (out, G, 1), the offset V (out, G, gs) or None;
-    one new tensor, the rest in place."""
+def _fq_codes(g, step, zero, offset):
+    """c = round(W / step + V) + zero, eq. (5) before its clamp: (out, G, gs) from W grouped, step and
+    zero (out, G, 1), the offset V (out, G, gs) or None; one new tensor, the rest in place."""
     u = g / step
     if offset is not None:
         u += offset
-    c = u.round_().add_(zero)                                               # eq. (5) before its clamp
-    return c.clamp_(0, qmax).sub_(zero).mul_(step)                          # eq. (5), eq. (6)
+    return u.round_().add_(zero)
+
+
+def _fq_forward(g, step, zero, offset, qmax: int):
+    """W_hat (out, G, gs), the arguments as _fq_codes'."""
+    return _fq_codes(g, step, zero, offset).clamp_(0, qmax).sub_(zero).mul_(step)   # eq. (5), eq. (6)
 
 
 def _fq_backward(g, grad, step, zero, offset, qmax: int):
     """(dL/dstep (out, G), dL/dV (out, G, gs)) from dL/dW_hat = grad, the codes recomputed."""
-    u = g / step
-    if offset is not None:
-        u += offset
-    c = u.round_().add_(zero)
+    c = _fq_codes(g, step, zero, offset)
     q = c.clamp(0, qmax)
     gm = grad * (q == c)                                                    # G m: the clamp passes the gradient
     gstep = (grad * q.sub_(zero)).sum(-1) - (gm * g).sum(-1) / step.squeeze(-1)

@@ -144,13 +144,25 @@ def test_pack_rejects_codes_out_of_range():
         pack(torch.tensor([0, 4]), 2)
 
 
+def assert_fused_matches_reference(w, bits, gamma, beta, offset, up):
+    """FakeQuant's W_hat equals quant.fake_quant's bit for bit; its gradients in gamma, beta and the
+    offset (for dL/dW_hat = up) equal autograd's through the reference within fp32 rounding."""
+    from fastpath import FakeQuant
+    want = fake_quant(w, bits, 64, gamma, beta, offset)
+    want_grads = torch.autograd.grad((want * up).sum(), (gamma, beta, offset))
+    got = FakeQuant.apply(w, gamma, beta, offset, bits, 64)
+    got_grads = torch.autograd.grad((got * up).sum(), (gamma, beta, offset))
+    assert torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("logit", [4.0, -1.0])        # clipping factor 0.98 (few codes clamped), 0.27 (many)
 def test_fused_fake_quant_equals_the_reference(bits, logit):
     """fastpath.FakeQuant: the same W_hat bit for bit, and the gradients in gamma, beta and the
     rounding offset within fp32 rounding of autograd's through quant.fake_quant, with clamped and
     unclamped codes and a one-signed group (its zero point clamped) among them."""
-    from fastpath import FakeQuant
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(32, 256, generator=g) * 0.05
     w[3, :64] = w[3, :64].abs() + 0.01
@@ -162,13 +174,7 @@ def test_fused_fake_quant_equals_the_reference(bits, logit):
     c = torch.round(w.reshape(32, 4, 64) / step.unsqueeze(-1) + offset.reshape(32, 4, 64)) + zero.unsqueeze(-1)
     clamped = ((c < 0) | (c > 2**bits - 1)).float().mean().item()
     assert 0 < clamped < 1 and zero[3, 0] == 0                              # both kinds of codes are tested
-    want = fake_quant(w, bits, 64, gamma, beta, offset)
-    want_grads = torch.autograd.grad((want * up).sum(), (gamma, beta, offset))
-    got = FakeQuant.apply(w, gamma, beta, offset, bits, 64)
-    got_grads = torch.autograd.grad((got * up).sum(), (gamma, beta, offset))
-    assert torch.equal(got, want)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    assert_fused_matches_reference(w, bits, gamma, beta, offset, up)
 
 
 def test_quant_linear_calibrates_through_the_fused_quantizer():
@@ -205,14 +211,7 @@ def test_compiled_quantizer_equals_the_reference():
             gamma = (-1 + 0.3 * torch.randn(64, 2, generator=g)).requires_grad_()
             beta = (2 + 0.3 * torch.randn(64, 2, generator=g)).requires_grad_()
             offset = (torch.rand(64, 128, generator=g) - 0.5).requires_grad_()
-            up = torch.randn(64, 128, generator=g)
-            want = fake_quant(w, bits, 64, gamma, beta, offset)
-            want_grads = torch.autograd.grad((want * up).sum(), (gamma, beta, offset))
-            got = fastpath.FakeQuant.apply(w, gamma, beta, offset, bits, 64)
-            got_grads = torch.autograd.grad((got * up).sum(), (gamma, beta, offset))
-            assert torch.equal(got, want)
-            for a, b in zip(got_grads, want_grads):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+            assert_fused_matches_reference(w, bits, gamma, beta, offset, torch.randn(64, 128, generator=g))
         assert not any(k.fell_back for k in fastpath._QUANT_KERNELS.values())   # compiled, not the eager fallback
     finally:
         fastpath.compile_quantizer(False)
