@@ -48,7 +48,7 @@ def bw_objective(qblock, xq, y, freqs, y_aug=None, penalty=None, l=0):
 
     qblock: the block with QuantLinear linears. Returns (loss, its parts for the progress bar)."""
     linears = dict(quant_linears(qblock))
-    qs, merged = step_weights(linears.values(), penalty)  # Q(W) of this step, differentiable in gamma, beta
+    qs, merged = step_weights(linears.values(), penalty, xq.shape[:-1].numel())  # Q(W) (or W_eff) of this step
     with use_qweights(linears.values(), qs, merged), autocast_like(xq):
         out = qblock(xq, freqs).float()                     # F_q(X^q), (B, T, dim)
     mse = F.mse_loss(out, y.float())                        # eq. (1)
@@ -56,7 +56,7 @@ def bw_objective(qblock, xq, y, freqs, y_aug=None, penalty=None, l=0):
         mse = mse + F.mse_loss(out, y_aug.float())          # --aug-loss
     if penalty is None:
         return mse, {"mse": mse.item()}
-    pen = penalty(l, linears, qs, merged)                   # Cao & Aref eq. (2)
+    pen = penalty(l, linears, qs, all(merged))              # Cao & Aref eq. (2)
     return mse + pen, {"mse": mse.item(), "pen": pen.item()}
 
 
@@ -65,13 +65,13 @@ def lw_objective(name, lin, x, xq, w, penalty=None, l=0):
     the quantized one:
 
         loss = ||X W^T - X^q (Q(W) + s B A)^T||^2 [+ lambda_l sum_i alpha_i (w_i - W_eff,i)^2]"""
-    qs, merged = step_weights([lin], penalty)
+    qs, merged = step_weights([lin], penalty, xq.shape[:-1].numel())
     with use_qweights([lin], qs, merged), autocast_like(xq):
         out = lin(xq).float()                               # X^q (Q + s B A)^T, (B, T, out)
     mse = F.mse_loss(out, F.linear(x, w).float())           # against X W^T
     if penalty is None:
         return mse, {"mse": mse.item()}
-    pen = penalty(l, {name: lin}, qs, merged)
+    pen = penalty(l, {name: lin}, qs, all(merged))
     return mse + pen, {"mse": mse.item(), "pen": pen.item()}
 
 

@@ -142,18 +142,22 @@ def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", d
 def train_windows(tok, seqlen, source="wikitext2", data_dir=None) -> torch.Tensor:
     """Finetuning text packed into non-overlapping windows (n, seqlen), the tail dropped (as
     Hugging Face's run_clm groups texts). source: wikitext2 = the train split as one stream
-    (token_stream); c4 = the C4 documents, each with BOS, end to end (locally the validation
+    (token_stream); wikitext2+valid = the train split, then the validation split (more text
+    offline, where the train file is a 68k-token head; the test split stays unseen); c4 = the C4 documents, each with BOS, end to end (locally the validation
     sample: never use it for C4 perplexity after training on it); or a path: a .txt file whole,
     a .jsonl file's "text" field of each line, end to end."""
-    if source == "wikitext2":
+    if source in ("wikitext2", "wikitext2+valid"):
         ids = token_stream(tok, "train", data_dir)
+        if source == "wikitext2+valid":
+            ids = torch.cat([ids, token_stream(tok, "validation", data_dir)])
     else:
         if source == "c4":
             docs = c4_docs(data_dir)
         else:
             f = Path(source)
             if not f.is_file():
-                raise FileNotFoundError(f"training text {source!r}: not wikitext2, c4 or a .txt / .jsonl file")
+                raise FileNotFoundError(f"training text {source!r}: not wikitext2, wikitext2+valid, c4 or a "
+                                        f".txt / .jsonl file")
             text = f.read_text(encoding="utf-8")
             try:
                 docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()] \

@@ -6,10 +6,10 @@ math; each is tested against the plain formula (tests/test_lora.py, tests/test_s
   (dequantized in the forward and again in the backward, so autograd keeps ~2.6 bits a weight,
   not a dequantized copy: finetune.py --packed), or fake_quant of W (calibration).
 - step_weights / use_qweights: one calibration step quantizes every linear once and hands the
-  same Q(W) tensors to the forward and to the saliency penalty; with the AfterLoRA penalty in
-  fp32 it forms W_eff = Q(W) + s B A once, the forward is x W_eff^T alone (at a few hundred tokens
-  about the cost of the LoRA path x Q^T + s (x A^T) B^T) and the penalty needs no B A of its own
-  (bench/bench_penalty.py).
+  same Q(W) tensors to the forward and to the saliency penalty; in fp32 it forms W_eff = Q(W) +
+  s B A once where that takes fewer flops than the LoRA path x Q^T + s (x A^T) B^T (the step's
+  tokens T: T (in + out) > in out), or for the AfterLoRA penalty, which then needs no B A of its
+  own; the forward is x W_eff^T alone (bench/bench_penalty.py, bench/bench_quantizer.py).
 - WeightedDistance: sum_i alpha_i (w_i - W_eff,i)^2 of Cao & Aref eq. (2) with its gradients
   written out, half the passes of autograd over the block's weights.
 - square_grads_into: the saliency pass squares each weight's gradient into its accumulator the
@@ -198,29 +198,39 @@ def merged_weight(m, q):
     return torch.addmm(q, m.B, m.A, alpha=m.scaling)
 
 
-def merges(penalty, q) -> bool:
-    """Whether a step computes W_eff once: with the AfterLoRA penalty, in fp32. In bf16 / fp16 a
-    small s B A would round away in one low-precision W_eff, so there the forward keeps the
-    separate LoRA path and the penalty its own B A."""
-    return penalty is not None and penalty.variant == "after" and q.dtype == torch.float32
+def merges(penalty, m, q, tokens) -> bool:
+    """Whether a step forms W_eff = Q(W) + s B A of QuantLinear m once (fp32 only: in bf16 / fp16 a
+    small s B A would round away in one low-precision W_eff):
+    - with the AfterLoRA penalty always: the penalty needs W_eff itself;
+    - with no penalty where it costs fewer flops than the LoRA path: over a step the separate path
+      x A^T, (x A^T) B^T and their gradients take 6 r T (in + out) flops for T tokens, the merged one
+      B A, dL/dB = s G A^T, dL/dA = s B^T G (G = dL/dW_eff, which Q(W)'s clipping needs anyway)
+      6 r in out: so when T (in + out) > in out (SmolLM2, T = 256: k_proj, v_proj; T >= 512: all);
+    - with the BeforeLoRA penalty never (it needs Q(W) alone)."""
+    if q.dtype != torch.float32 or (penalty is not None and penalty.variant != "after"):
+        return False
+    return penalty is not None or tokens * (m.in_features + m.out_features) > m.in_features * m.out_features
 
 
-def step_weights(linears, penalty=None):
+def step_weights(linears, penalty=None, tokens=0):
     """(the weights one step applies, merged): Q(W) of each QuantLinear, differentiable in gamma,
-    beta (and the rounding offsets), or W_eff = Q(W) + s B A where merges() says so."""
+    beta (and the rounding offsets), or W_eff = Q(W) + s B A where merges() says so (a list of
+    bools, one a linear); tokens: how many the step's forward sees (B T)."""
     qs = [m.qweight() for m in linears]
-    merged = merges(penalty, qs[0])
-    return ([merged_weight(m, q) for m, q in zip(linears, qs)] if merged else qs), merged
+    merged = [merges(penalty, m, q, tokens) for m, q in zip(linears, qs)]
+    return [merged_weight(m, q) if mm else q for m, q, mm in zip(linears, qs, merged)], merged
 
 
 @contextmanager
 def use_qweights(linears, qs, merged=False):
     """Inside the block, each QuantLinear of `linears` applies the given Q(W) (still in the
-    autograd graph) instead of computing its own; merged=True: the tensors are W_eff and the
-    forward is x W_eff^T alone, without the separate LoRA path."""
+    autograd graph) instead of computing its own; merged (one bool, or one a linear) True: that
+    tensor is W_eff and the forward is x W_eff^T alone, without the separate LoRA path."""
+    linears = list(linears)
+    merged = merged if isinstance(merged, (list, tuple)) else [merged] * len(linears)
     try:
-        for m, q in zip(linears, qs):
-            m.q_cache, m.merged = q, merged
+        for m, q, mm in zip(linears, qs, merged):
+            m.q_cache, m.merged = q, mm
         yield
     finally:
         for m in linears:

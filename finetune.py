@@ -191,7 +191,8 @@ class Config:
     """One run of finetune.py. The defaults are the official WikiText-2 recipe (docs/method.md §8)."""
     ckpt: Optional[str] = arg(None, "quantized model directory written by calibrate.py (or, with --fp-lora, a "
                               "full-precision checkpoint)", type=str)
-    data: str = arg("wikitext2", "training text: wikitext2 (train split), c4, or a .txt / .jsonl file")
+    data: str = arg("wikitext2", "training text: wikitext2 (train split), wikitext2+valid (train, then "
+                                "validation: never the test split), c4, or a .txt / .jsonl file")
     seqlen: int = arg(1024, "tokens per training window (the text is packed end to end)")
     epochs: int = arg(3, "passes over the training windows")
     batch_size: int = arg(4, "windows per forward pass")

@@ -77,12 +77,12 @@ def calib_steps(l, fp, X, Y, freqs, steps, hook=lambda k: None):
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def block_inputs(model, tok, l, T):
-    """Input X of block l (fp model, a real WikiText-2 window) and its target Y = F(W, X)."""
+def block_inputs(model, tok, l, T, n=1):
+    """Input X (n, T, dim) of block l (fp model, n real WikiText-2 windows) and its target Y = F(W, X)."""
     from data import calib_windows
     freqs = model.freqs_cis(T, "cpu")
     with torch.no_grad():
-        X = model.tok_embeddings(calib_windows(tok, 1, T, 0))
+        X = model.tok_embeddings(calib_windows(tok, n, T, 0))
         for layer in model.layers[:l]:
             X = layer(X, freqs)
     return X, calibrate.run_block(model.layers[l], X, freqs, "cpu"), freqs

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import calib_windows, ppl_windows, token_stream, wikitext2_rows
+from data import calib_windows, ppl_windows, token_stream, train_windows, wikitext2_rows
 from evaluate import perplexity, window_nll
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,16 @@ def test_windows_follow_the_gptq_protocol(smollm2, data_dir):
     for row in c:
         i = rng.randint(0, train.numel() - 256 - 1)
         assert torch.equal(row, train[i:i + 256])
+
+
+def test_finetune_text_with_validation_is_train_then_validation_never_test(smollm2, data_dir):
+    _, tok = smollm2
+    train, valid, test = (token_stream(tok, s, data_dir) for s in ("train", "validation", "test"))
+    w = train_windows(tok, 512, "wikitext2+valid", data_dir)
+    both = torch.cat([train, valid])
+    assert w.shape == (both.numel() // 512, 512) and torch.equal(w.flatten(), both[: w.numel()])
+    assert len(w) > 4 * len(train_windows(tok, 512, "wikitext2", data_dir))      # 68k train tokens, ~4x more
+    assert not torch.equal(valid[:512], test[:512])                                # the held-out split is not in it
 
 
 def test_chunked_nll_equals_full_cross_entropy(smollm2):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastpath import use_qweights
+import fastpath
+from fastpath import step_weights, use_qweights
 from lora import QuantLinear, init_linear, loftq_init, lora_init, qlora_init, quant_linears, swap_linears
 from quant import dequantize, fake_quant, rtn, unpack
 
@@ -83,6 +84,37 @@ def test_use_qweights_hands_the_step_q_to_the_forward():
     torch.testing.assert_close(y, x @ q.T)
     y.sum().backward()
     assert q.grad is not None and m.q_cache is None    # the graph reaches q; nothing is left behind
+
+
+def test_merged_step_where_it_saves_flops_equals_the_lora_path():
+    """With no penalty a step merges W_eff = Q(W) + s B A of a linear exactly when T (in + out) >
+    in out: same output and gradients (clipping, offsets, A, B) as the separate LoRA path."""
+    torch.manual_seed(0)
+    ms = [QuantLinear.from_linear(nn.Linear(n_in, out, bias=False), bits=2, group_size=64, rank=8,
+                                  learn_rounding=True) for n_in, out in ((128, 32), (128, 512))]
+    for m in ms:
+        with torch.no_grad():
+            m.B.normal_(0, 0.1)                        # B != 0: the LoRA path matters
+            m.offset.uniform_(-0.3, 0.3)
+    params = [p for m in ms for p in m.clip_parameters() + m.round_parameters() + m.lora_parameters()]
+    x = torch.randn(2, 24, 128)                        # T = 48 tokens: 48 * 160 > 128 * 32, 48 * 640 < 128 * 512
+    u = [torch.randn(2, 24, m.out_features) for m in ms]
+
+    def step():
+        qs, merged = step_weights(ms, None, x.shape[:-1].numel())
+        with use_qweights(ms, qs, merged):
+            loss = sum((m(x) * v).sum() for m, v in zip(ms, u))
+        return merged, loss, torch.autograd.grad(loss, params)
+    merged, loss, grads = step()
+    assert merged == [True, False]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastpath, "merges", lambda *a: False)
+        none, loss0, grads0 = step()
+    assert none == [False, False]
+    torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads, grads0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not fastpath.merges(None, ms[0], ms[0].qweight().bfloat16(), 10**6)   # never in bf16
 
 
 def test_export_restores_the_quantized_weight_bit_for_bit():
