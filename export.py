@@ -261,8 +261,8 @@ def export(src, out, dtype=None, merge=False, force=False, fmt="hf"):
     model, tok = load_quantized(src, cache=False)             # ValueError: not a (finished) quantized model
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)                # what a killed export left
-    check_writable(partial)
     try:
+        check_writable(partial)                               # inside: a Ctrl-C right after its mkdir removes it too
         has_adapter = write_export(src, partial, model, tok, dtype, merge, final=out, fmt=fmt)
         if out.exists():
             shutil.rmtree(out)                                # empty, or --force

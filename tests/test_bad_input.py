@@ -118,7 +118,7 @@ CASES = [
     ("ft-seqlen-beyond-model", ["finetune.py", "--ckpt", "{qlora}", *FT, "--seqlen", "100000", "--out", "{w}/f5"],
      "beyond the model's context", None),
     ("ft-missing-text", ["finetune.py", "--ckpt", "{qlora}", *FT, "--data", "{w}/none.txt", "--out", "{w}/f6"],
-     "not wikitext2, c4 or a .txt / .jsonl file", None),
+     "not wikitext2, wikitext2+valid, c4 or a .txt / .jsonl file", None),
     ("ft-fp-lora-rank-above-dim", ["finetune.py", "--ckpt", "{tiny}", "--fp-lora", *FT, "--rank", "100",
                                    "--out", "{w}/f7"], "--rank 100 is above", None),
     ("ft-negative-lr", ["finetune.py", "--ckpt", "{qlora}", *FT, "--lr", "-1", "--out", "{w}/f8"],
@@ -276,14 +276,17 @@ def test_no_data_offline_is_one_line(tmp_path, tiny_ckpt):
 
 # ---- faults: kill -9 and Ctrl-C
 
-def wait_for(cond, proc, timeout=120):
+def wait_for(cond, proc, timeout=120, poll=0.005):
+    """True once cond() holds, False if proc ended first; poll=0 busy-waits (a moment that lasts
+    only milliseconds on a fast machine)."""
     t0 = time.time()
     while not cond():
         if proc.poll() is not None:
             return False
         if time.time() - t0 > timeout:
             raise TimeoutError("the run never reached the moment to interrupt it")
-        time.sleep(0.005)
+        if poll:
+            time.sleep(poll)
     return True
 
 
@@ -297,14 +300,17 @@ def test_interrupted_finetune_resumes_to_the_same_adapter(world, tmp_path, sig):
     cmd = ["finetune.py", "--ckpt", str(world["qlora"]), *FT, "--max-steps", "6", "--save-every", "1"]
     whole = tmp_path / "whole"
     subprocess.run([PY, *cmd, "--out", str(whole)], cwd=ROOT, check=True, capture_output=True)
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([PY, *cmd, "--out", str(cut)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    reached = wait_for(lambda: (cut / "checkpoint.pt").exists(), proc)
-    assert reached, "the run finished before a checkpoint appeared"
-    time.sleep(0.3)                                                        # inside a later step
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    for delay in (0.3, 0.05, 0.0):                                         # inside a later step; sooner if it finished first
+        cut = tmp_path / f"cut-{delay}"
+        proc = subprocess.Popen([PY, *cmd, "--out", str(cut)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        reached = wait_for(lambda: (cut / "checkpoint.pt").exists(), proc, poll=0)
+        assert reached, "the run finished before a checkpoint appeared"
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            break
     assert proc.returncode in (-9, 130), err[-2000:]
     if sig == signal.SIGINT:
         assert "interrupted" in err and "Traceback" not in err, err[-2000:]
@@ -323,7 +329,7 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(world, tmp_path, 
     interrupted = False
     for delay in (0.0, 0.02, 0.1):                 # at different moments of the writing
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if wait_for(partial.exists, proc):
+        if wait_for(partial.exists, proc, poll=0):
             time.sleep(delay)
             proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
