@@ -276,6 +276,12 @@ def test_no_data_offline_is_one_line(tmp_path, tiny_ckpt):
 
 # ---- faults: kill -9 and Ctrl-C
 
+def sigint_default():
+    """For Popen(preexec_fn=...): Ctrl-C reaches the child even when the suite runs as a background job
+    (a shell without job control starts those with SIGINT ignored, and Python then keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(cond, proc, timeout=120, poll=0.005):
     """True once cond() holds, False if proc ended first; poll=0 busy-waits (a moment that lasts
     only milliseconds on a fast machine)."""
@@ -303,7 +309,7 @@ def test_interrupted_finetune_resumes_to_the_same_adapter(world, tmp_path, sig):
     for delay in (0.3, 0.05, 0.0):                                         # inside a later step; sooner if it finished first
         cut = tmp_path / f"cut-{delay}"
         proc = subprocess.Popen([PY, *cmd, "--out", str(cut)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
         reached = wait_for(lambda: (cut / "checkpoint.pt").exists(), proc, poll=0)
         assert reached, "the run finished before a checkpoint appeared"
         time.sleep(delay)
@@ -328,7 +334,8 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(world, tmp_path, 
     partial = tmp_path / ".hf.partial"
     interrupted = False
     for delay in (0.0, 0.02, 0.1):                 # at different moments of the writing
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=sigint_default)
         if wait_for(partial.exists, proc, poll=0):
             time.sleep(delay)
             proc.send_signal(sig)
