@@ -143,9 +143,10 @@ def train_windows(tok, seqlen, source="wikitext2", data_dir=None) -> torch.Tenso
     """Finetuning text packed into non-overlapping windows (n, seqlen), the tail dropped (as
     Hugging Face's run_clm groups texts). source: wikitext2 = the train split as one stream
     (token_stream); wikitext2+valid = the train split, then the validation split (more text
-    offline, where the train file is a 68k-token head; the test split stays unseen); c4 = the C4 documents, each with BOS, end to end (locally the validation
-    sample: never use it for C4 perplexity after training on it); or a path: a .txt file whole,
-    a .jsonl file's "text" field of each line, end to end."""
+    offline, where the train file is a 68k-token head; the test split stays unseen); c4 = the C4
+    documents, each with BOS, end to end (locally the validation sample: never use it for C4
+    perplexity after training on it); or a path: a .txt file whole, a .jsonl file's "text" field
+    of each line, end to end."""
     if source in ("wikitext2", "wikitext2+valid"):
         ids = token_stream(tok, "train", data_dir)
         if source == "wikitext2+valid":

@@ -222,12 +222,12 @@ def step_weights(linears, penalty=None, tokens=0):
 
 
 @contextmanager
-def use_qweights(linears, qs, merged=False):
+def use_qweights(linears, qs, merged=None):
     """Inside the block, each QuantLinear of `linears` applies the given Q(W) (still in the
-    autograd graph) instead of computing its own; merged (one bool, or one a linear) True: that
-    tensor is W_eff and the forward is x W_eff^T alone, without the separate LoRA path."""
+    autograd graph) instead of computing its own; merged (step_weights' bools, one a linear; None:
+    none) True: that tensor is W_eff and the forward is x W_eff^T alone, without the LoRA path."""
     linears = list(linears)
-    merged = merged if isinstance(merged, (list, tuple)) else [merged] * len(linears)
+    merged = merged or [False] * len(linears)
     try:
         for m, q, mm in zip(linears, qs, merged):
             m.q_cache, m.merged = q, mm
