@@ -25,20 +25,33 @@ import json
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (DTYPES, arg, as_flags, check_device, check_writable, reset_peak_memory, result_settings,
-                 with_default_dtype, write_json)
-from fastpath import autocast_like, step_weights, use_qweights
-from llama import LINEARS, check_seqlen, release_pages
+import fastpath
+from cli import (DEFAULT_DEVICE, DTYPES, default_dtype, arg, as_flags, check_device, check_writable, parse_config, peak_memory_gib,
+                 reset_peak_memory, result_settings, run, write_json)
+from data import calib_windows
+from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears
-from qmodel import INITS, check_linears, load, require_fp, round_kept_params, save_quantized
+from qmodel import INITS, METHODS, check_linears, load, quantize_model, require_fp, round_kept_params, save_quantized
+from quant import validate
 from recipes import LONG, QUICK, SCHEDULES, clamp_offsets, lr_factor, preset, rounding_group, svd_start
+from runs import (block_errors, load_block, made_by, output_dir, print_log, refuse_finished, resume_blocks,
+                  save_block, save_progress)
+from saliency import make_penalty
+from scaleout import activation_home, release_pages, to_host
+
+
+def autocast_like(x):
+    """Autocast to x's dtype where it is bf16 / fp16 (weights and cached activations in that dtype,
+    matmuls under autocast, CUDA and CPU alike), nothing in fp32."""
+    return nullcontext() if x.dtype == torch.float32 else torch.autocast(x.device.type, dtype=x.dtype)
 
 
 def bw_objective(qblock, xq, y, freqs, y_aug=None, penalty=None, l=0):
@@ -47,16 +60,14 @@ def bw_objective(qblock, xq, y, freqs, y_aug=None, penalty=None, l=0):
         loss = ||Y - F_q(X^q)||^2 [+ ||F(W, X^q) - F_q(X^q)||^2] [+ lambda_l sum_i alpha_i (w_i - W_eff,i)^2]
 
     qblock: the block with QuantLinear linears. Returns (loss, its parts for the progress bar)."""
-    linears = dict(quant_linears(qblock))
-    qs, merged = step_weights(linears.values(), penalty, xq.shape[:-1].numel())  # Q(W) (or W_eff) of this step
-    with use_qweights(linears.values(), qs, merged), autocast_like(xq):
+    with autocast_like(xq):
         out = qblock(xq, freqs).float()                     # F_q(X^q), (B, T, dim)
     mse = F.mse_loss(out, y.float())                        # eq. (1)
     if y_aug is not None:
         mse = mse + F.mse_loss(out, y_aug.float())          # --aug-loss
     if penalty is None:
         return mse, {"mse": mse.item()}
-    pen = penalty(l, linears, qs, all(merged))              # Cao & Aref eq. (2)
+    pen = penalty(l, dict(quant_linears(qblock)))           # Cao & Aref eq. (2)
     return mse + pen, {"mse": mse.item(), "pen": pen.item()}
 
 
@@ -65,20 +76,16 @@ def lw_objective(name, lin, x, xq, w, penalty=None, l=0):
     the quantized one:
 
         loss = ||X W^T - X^q (Q(W) + s B A)^T||^2 [+ lambda_l sum_i alpha_i (w_i - W_eff,i)^2]"""
-    qs, merged = step_weights([lin], penalty, xq.shape[:-1].numel())
-    with use_qweights([lin], qs, merged), autocast_like(xq):
+    with autocast_like(xq):
         out = lin(xq).float()                               # X^q (Q + s B A)^T, (B, T, out)
     mse = F.mse_loss(out, F.linear(x, w).float())           # against X W^T
     if penalty is None:
         return mse, {"mse": mse.item()}
-    pen = penalty(l, {name: lin}, qs, all(merged))
+    pen = penalty(l, {name: lin})
     return mse + pen, {"mse": mse.item(), "pen": pen.item()}
 
 
-FUSED_ADAMW = True      # torch's fused AdamW kernel (False: its per-tensor loop, as before; bench/bench_quantizer.py)
-
-
-def train(linears, objective, n, cfg, desc, lr_scale=1.0):
+def train(linears, objective, n, cfg, desc, lr_scale=1.0, optimizer=torch.optim.AdamW):
     """AdamW with the paper's two parameter groups, clipping logits and LoRA factors (and the
     rounding offsets of --learn-rounding), cfg.epochs passes over the n windows in fixed order,
     cfg.batch_size windows a step. objective(slice) -> (loss, parts). Returns False if a loss
@@ -88,8 +95,7 @@ def train(linears, objective, n, cfg, desc, lr_scale=1.0):
     lora = [p for m in linears for p in m.lora_parameters()]
     groups = [{"params": clip, "lr": cfg.lr_clip * lr_scale}, {"params": lora, "lr": cfg.lr_lora * lr_scale}]
     groups += rounding_group(linears, cfg.lr_round * lr_scale)
-    # fused: one pass over each parameter a step (the rounding offsets are as many as the weights)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.wd, fused=FUSED_ADAMW)
+    opt = optimizer(groups, weight_decay=cfg.wd)
     for p in (p for g in groups for p in g["params"]):
         p.requires_grad_(True)
         p.grad = None
@@ -128,28 +134,54 @@ def quant_block(fp_block, cfg, seed):
     return qblock
 
 
-def calibrate_block(l, fp_block, X, Xq, Y, Y_aug, freqs, cfg, device, penalty=None, start=None):
-    """Step 3 for block l: returns (the quantized block, frozen, on the device; retries needed).
-    start: quant_block(fp_block, cfg, cfg.seed + l) on the device, if the caller already made it."""
-    def dev(t, idx):
-        return None if t is None else t[idx].to(device)
+class Start(NamedTuple):
+    """What a block's calibration starts from."""
+    block: torch.nn.Module       # quant_block on the device
+    penalty: object              # the run's penalty (or None)
+    optimizer: type              # torch.optim.AdamW
 
+
+def start_block(fp_block, l, cfg, penalty=None) -> Start:
+    """quant_block for block l on cfg.device; with --fast (or --compile) the speed devices of
+    fastpath.accelerate installed in it, its penalty and its optimizer (the same math)."""
+    qblock = quant_block(fp_block, cfg, cfg.seed + l).to(cfg.device)
+    if cfg.fast or cfg.compile:
+        return Start(*fastpath.accelerate(qblock, penalty, compile=cfg.compile))
+    return Start(qblock, penalty, torch.optim.AdamW)
+
+
+class Acts(NamedTuple):
+    """One block's activations, (n, T, dim) each."""
+    X: torch.Tensor                  # its input in the full-precision model
+    Xq: torch.Tensor                 # its input in the model quantized so far, X^q
+    Y: torch.Tensor                  # its full-precision output F(W, X): the target
+    Y_aug: Optional[torch.Tensor]    # F(W, X^q), the --aug-loss target, or None
+
+
+def calibrate_block(l, fp_block, acts, freqs, cfg, start=None):
+    """Step 3 for block l: returns (the quantized block, frozen, on the device; retries needed).
+    start: start_block(fp_block, l, cfg, penalty), if the caller already made it (else no penalty)."""
+    def dev(t, idx):
+        return None if t is None else t[idx].to(cfg.device)
+
+    X, Xq, Y, Y_aug = acts
+    start = start or start_block(fp_block, l, cfg)
     for attempt, lr_scale in enumerate((1.0, 0.5)):
-        qblock = start if attempt == 0 and start is not None else quant_block(fp_block, cfg, cfg.seed + l).to(device)
+        qblock, penalty, optimizer = start if attempt == 0 else start_block(fp_block, l, cfg, start.penalty)
         linears = dict(quant_linears(qblock))
         desc = f"block {l} {cfg.method}"
         if cfg.method == "bw":
             ok = train(linears.values(), lambda i: bw_objective(qblock, dev(Xq, i), dev(Y, i), freqs, dev(Y_aug, i),
-                                                                penalty, l), len(Xq), cfg, desc, lr_scale)
+                                                                penalty, l), len(Xq), cfg, desc, lr_scale, optimizer)
             if ok:
                 for m in linears.values():
                     m.freeze()
         else:
             for name in LINEARS:             # in the order of use: each sees its frozen predecessors
                 lin, w = linears[name], fp_block.get_submodule(name).weight
-                x, xq = capture_inputs(fp_block, qblock, name, X, Xq, freqs, device)
+                x, xq = capture_inputs(fp_block, qblock, name, X, Xq, freqs, cfg.device)
                 ok = train([lin], lambda i: lw_objective(name, lin, dev(x, i), dev(xq, i), w, penalty, l),
-                           len(Xq), cfg, f"{desc} {name}", lr_scale)
+                           len(Xq), cfg, f"{desc} {name}", lr_scale, optimizer)
                 if not ok:
                     break
                 lin.freeze()
@@ -205,8 +237,6 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
     quantized tensors go to OUT/blocks/ (runs.py), so a killed run continues (same command) from the
     last finished block, bit-identical on CPU. Returns the per-block logs, or None when
     --stop-after stopped it early."""
-    from runs import block_log, load_block, print_log, save_block, save_progress
-    from scaleout import activation_home, to_host
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     home = activation_home(device, tokens.numel(), model.args.dim, dtype)        # of X, X^q, Y
     freqs = model.freqs_cis(cfg.seqlen, device)
@@ -227,18 +257,22 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
                                      (": use --dtype bf16" if dtype == torch.float16 else ""))
         Y_aug = None
         if l < len(done):                                                         # finished earlier: replay
-            qblock = load_block(out, l, fp_block, cfg, device)
+            qblock = load_block(out, l, fp_block, cfg.bits, cfg.group_size, cfg.lora_alpha, device)
             Xq_next = run_block(qblock, Xq, freqs, device)
         else:
             if cfg.aug_loss:                                                      # F(W, X^q)
                 Y_aug = Y if Xq is X else run_block(fp_block, Xq, freqs, device)
-            start = quant_block(fp_block, cfg, cfg.seed + l).to(device)
-            mse_before = block_mse(start, Xq, Y, freqs, device)
-            if penalty is not None:
-                penalty.normalise(l, dict(quant_linears(start)), mse_before)     # --sal-ratio only
-            qblock, retries = calibrate_block(l, fp_block, X, Xq, Y, Y_aug, freqs, cfg, device, penalty, start)  # 3.
+            start = start_block(fp_block, l, cfg, penalty)
+            mse_before = block_mse(start.block, Xq, Y, freqs, device)
+            if start.penalty is not None:
+                start.penalty.normalise(l, dict(quant_linears(start.block)), mse_before)   # --sal-ratio only
+            qblock, retries = calibrate_block(l, fp_block, Acts(X, Xq, Y, Y_aug), freqs, cfg, start)  # 3.
             Xq_next = run_block(qblock, Xq, freqs, device)
-            logs.append(block_log(l, qblock, fp_block, Xq_next, Y, mse_before, retries, t0, device, penalty))
+            log = {"block": l, **block_errors(qblock, fp_block, Y, Xq_next, mse_before), "retries": retries,
+                   "seconds": round(time.time() - t0, 2), "peak_gib": round(peak_memory_gib(device), 3)}
+            if start.penalty is not None:
+                log.update(start.penalty.report(l, dict(quant_linears(qblock)), log["mse_after"]))
+            logs.append(log)
             save_block(out, l, qblock)
             save_progress(out, result_settings(cfg), logs)
             print_log(logs[-1], n_layers, logs[-2]["target_ms"] if l > 0 else None)
@@ -253,15 +287,11 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
 
 # ---- the script
 
-METHODS = ("bw", "lw") + INITS
-ON_GPU = torch.cuda.is_available()
-
-
 @dataclass
 class Config:
     """One run of calibrate.py. The defaults are the ApiQ paper's main setting (section 4)."""
     ckpt: str = arg("smollm2-135m", "checkpoint to quantize: a path or a name (docs/usage.md, Checkpoints)")
-    method: str = arg("bw", "bw = ApiQ-bw, lw = ApiQ-lw; rtn, qlora, loftq = the data-free inits", choices=METHODS)
+    method: str = arg("bw", "bw = ApiQ-bw, lw = ApiQ-lw; rtn, qlora, loftq = the data-free inits", choices=tuple(METHODS))
     bits: int = arg(2, "weight bits (1..8)")
     group_size: int = arg(64, "quantization group size (input columns per scale and zero)")
     rank: int = arg(64, "LoRA rank r")
@@ -291,27 +321,32 @@ class Config:
     weight_penalty: float = arg(0.0, "strength of the naive unweighted penalty (alpha_i = 1)")
     sal_ratio: Optional[float] = arg(None, "beyond the paper, scale-free: lambda_l set so that the penalty is this "
                                      "times the block's output MSE at its start (replaces --sal-lambda)", type=float)
-    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and cached activations; bf16/fp16 also on CPU (slow "
-                     "there, the same code path as on a GPU)", choices=tuple(DTYPES))
+    dtype: Optional[str] = arg(None, "weights and cached activations (default bf16 on a GPU, fp32 on the CPU); "
+                               "bf16/fp16 also on CPU (slow there, the same code path as on a GPU)",
+                               choices=tuple(DTYPES), type=str)
     quick: bool = arg(False, f"the CPU recipe (SmolLM2: < 10 min on one core): {as_flags(QUICK)}", result=False)
     long: bool = arg(False, f"the long CPU recipe (SmolLM2: ~1 h on one core): {as_flags(LONG)}", result=False)
     out: Optional[str] = arg(None, "output directory (default out/<ckpt>-<method>-w<bits>g<group>)", result=False)
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
     stop_after: Optional[int] = arg(None, "calibrate this many blocks, then stop (the same command continues)",
                                     result=False, type=int)
-    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
+    device: str = arg(DEFAULT_DEVICE, "cpu or cuda", result=False)
     threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
-    compile: bool = arg(False, "speed only: the quantizer's two elementwise passes fused by torch.compile "
-                               "(fastpath.compile_quantizer; ~5 s per weight shape once)", result=False)
+    fast: bool = arg(False, "speed only: fastpath.accelerate's devices (fused quantizer, merged W_eff, the penalty's "
+                     "written-out gradients, fused AdamW): the formulas' numbers to fp32 rounding", result=False)
+    compile: bool = arg(False, "speed only: --fast with the quantizer's two elementwise passes fused by torch.compile "
+                               "(~5 s per weight shape once)", result=False)
+
+    def __post_init__(self):
+        self.dtype = self.dtype or default_dtype(self.device)
 
 
 def make_config(**given) -> Config:
     """Config from the given settings, --quick's or --long's recipe filling what was not given."""
-    return Config(**with_default_dtype(preset(given, QUICK, LONG)))
+    return Config(**preset(given, QUICK, LONG))
 
 
 def check_config(cfg):
-    from quant import validate
     validate(cfg.bits, cfg.group_size, cfg.group_size)
     if min(cfg.nsamples, cfg.seqlen, cfg.epochs, cfg.batch_size, cfg.loftq_iters) <= 0 or cfg.rank < 0:
         raise ValueError("--nsamples, --seqlen, --epochs, --batch-size and --loftq-iters must be positive, --rank >= 0")
@@ -321,13 +356,9 @@ def check_config(cfg):
 
 
 def main(cfg: Config):
-    from data import calib_windows
-    from runs import made_by, method_name, output_dir, refuse_finished, resume_blocks
-    from saliency import make_penalty
-
     check_config(cfg)
     recipe = "-quick" if cfg.quick else "-long" if cfg.long else ""
-    out = output_dir(cfg.out, cfg.ckpt, f"out/{{name}}-{method_name(cfg.method)}-w{cfg.bits}g{cfg.group_size}{recipe}")
+    out = output_dir(cfg.out, cfg.ckpt, f"out/{{name}}-{METHODS[cfg.method].name}-w{cfg.bits}g{cfg.group_size}{recipe}")
     check_writable(out)
     if cfg.method in INITS:
         refuse_finished(out, "apiq.json", "model")
@@ -335,9 +366,6 @@ def main(cfg: Config):
     print("config:", json.dumps(asdict(cfg)))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.compile:
-        from fastpath import compile_quantizer
-        compile_quantizer()
     # the checkpoint stays on the host in its own dtype (mmap'd where the format allows): only
     # the block being calibrated is copied, converted and moved to the device
     model, tok = load(cfg.ckpt, device="cpu", dtype=None)
@@ -348,7 +376,6 @@ def main(cfg: Config):
     round_kept_params(model)                 # embeddings/norms as they will be stored
     t0 = time.time()
     if cfg.method in INITS:
-        from qmodel import quantize_model
         quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha, cfg.loftq_iters,
                        device=cfg.device, cache=False)
     else:
@@ -360,7 +387,7 @@ def main(cfg: Config):
             return out
         write_json(out / "calib_log.json", {"config": asdict(cfg), "blocks": logs})
     seconds = time.time() - t0
-    save_quantized(model, tok, out, made_by(cfg, calibration_seconds=round(seconds, 1)))
+    save_quantized(model, tok, out, made_by(asdict(cfg), calibration_seconds=round(seconds, 1)))
     (out / "progress.json").unlink(missing_ok=True)
     shutil.rmtree(out / "blocks", ignore_errors=True)   # all in model.safetensors now
     print(f"{cfg.method}: {model.args.n_layers} blocks in {seconds / 60:.1f} min; saved {out}")
@@ -368,6 +395,5 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    from cli import parse_config, run
     run(lambda: main(parse_config(Config, "Quantize a Llama checkpoint with ApiQ (block-wise, resumable) or one of "
                                   "the data-free inits it is compared with.", sys.argv[1:], make_config)))

@@ -15,7 +15,7 @@ import os
 import resource
 import sys
 import tempfile
-from dataclasses import asdict, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 
 import torch
@@ -23,13 +23,14 @@ import torch
 # bad input, and a calibration whose loss diverged twice: a clear line, not a traceback
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # every script's --device default
 
 
-def with_default_dtype(given: dict) -> dict:
-    """--dtype, when not given, follows --device: bf16 on a GPU, fp32 on the CPU (`--device cpu` on
-    a machine with a GPU is fp32, like the same command on a machine without one)."""
-    device = torch.device(given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return given if given.get("dtype") else given | {"dtype": "bf16" if device.type == "cuda" else "fp32"}
+def default_dtype(device) -> str:
+    """--dtype when it is not given, the one place the scripts' default is set: it follows --device,
+    bf16 on a GPU, fp32 on the CPU (`--device cpu` on a machine with a GPU is fp32, like the same
+    command on a machine without one). Each script's Config calls it in __post_init__."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
 def check_device(device, dtype=None):
@@ -190,6 +191,3 @@ def result_settings(config) -> dict:
     """The fields of a config dataclass that change the result."""
     return {f.name: getattr(config, f.name) for f in fields(config) if f.metadata.get("result", True)}
 
-
-def config_json(config) -> str:
-    return json.dumps(asdict(config))

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from cli import ArgumentParser, run
+from qmodel import load
+
 DATASETS = ("wikitext2", "c4")
 WIKITEXT_FILES = {"train": ("wiki.train.raw", "wiki.train.head1018.raw"),
                   "validation": ("wiki.valid.raw",), "test": ("wiki.test.raw",)}
@@ -174,9 +177,6 @@ def train_windows(tok, seqlen, source="wikitext2", data_dir=None) -> torch.Tenso
 
 
 if __name__ == "__main__":
-    from cli import ArgumentParser, run
-    from llama import load
-
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default="smollm2-135m", help="model whose tokenizer counts the tokens")
     p.add_argument("--data-dir", default=None, help="local data directory (../shared/data layout)")

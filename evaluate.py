@@ -37,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import DTYPES, arg, check_device, parse_config, run, with_default_dtype, write_json
+from cli import DEFAULT_DEVICE, DTYPES, default_dtype, arg, check_device, parse_config, run, write_json
 from data import DATASETS, ppl_windows
-from llama import check_seqlen
+from llama import KVCache, check_seqlen
+from lora import is_quantized, weight_errors
+from qmodel import load
 from tasks import ACC_NORM, TASKS, item_requests, load_task
 
 
@@ -89,7 +91,6 @@ def generate(model, tok, prompt: str, max_new_tokens=32, temperature=0.0, top_p=
     the keys and values of earlier positions kept in a llama.KVCache. temperature 0 is greedy (the
     default); otherwise sampling (next_token) from a generator seeded with `seed`. stream(text) is
     called with each new piece of decoded text as it comes (e.g. to print it)."""
-    from llama import KVCache
     device = next(model.parameters()).device
     ids = tok.encode(prompt, bos=True)
     if not ids or len(ids) + max_new_tokens > model.args.max_seq_len:
@@ -207,9 +208,6 @@ def activation_errors(model, ref, windows) -> list[dict]:
 
 # ---- the script
 
-ON_GPU = torch.cuda.is_available()
-
-
 @dataclass
 class Config:
     """One run of evaluate.py. The defaults are the papers' protocol (2048-token windows)."""
@@ -232,11 +230,14 @@ class Config:
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)")
     packed: bool = arg(False, "keep a quantized model's codes packed in memory and dequantize each linear in its "
                        "forward (2-bit: ~2.6 bits a weight instead of 32; a little slower)")
-    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda")
-    dtype: str = arg("bf16" if ON_GPU else "fp32", "weight and activation dtype (the GPTQ protocol: a GPU's half "
-                     "precision)", choices=tuple(DTYPES))
+    device: str = arg(DEFAULT_DEVICE, "cpu or cuda")
+    dtype: Optional[str] = arg(None, "weight and activation dtype (default bf16 on a GPU, fp32 on the CPU; the GPTQ "
+                               "protocol: a GPU's half precision)", choices=tuple(DTYPES), type=str)
     threads: Optional[int] = arg(None, "torch CPU threads (default: torch's choice)", type=int)
     json: Optional[str] = arg(None, "write the results and this config to this JSON file")
+
+    def __post_init__(self):
+        self.dtype = self.dtype or default_dtype(self.device)
 
 
 def parse_list(s, allowed, what):
@@ -259,8 +260,6 @@ def reference_ckpt(cfg) -> str:
 
 
 def measure_errors(model, tok, cfg, ref_ckpt) -> dict:
-    from lora import is_quantized, weight_errors
-    from qmodel import load
     ref, _ = load(ref_ckpt, device=cfg.device, dtype=DTYPES[cfg.dtype])
     if is_quantized(ref):
         raise ValueError(f"--ref {ref_ckpt} is quantized: errors are measured against full precision")
@@ -290,8 +289,6 @@ def print_tables(results, seqlen):
 def generations(model, tok, cfg) -> dict:
     """The model's continuation of --prompt, streamed to the terminal, and, for a quantized model,
     its source's beside it."""
-    from lora import is_quantized
-    from qmodel import load
     label = "quantized" if is_quantized(model) else "this model"
     opts = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     print(f"\nprompt: {cfg.prompt!r}\n{label + ':':15} ", end="", flush=True)
@@ -309,7 +306,6 @@ def generations(model, tok, cfg) -> dict:
 
 
 def main(cfg: Config):
-    from qmodel import load
     t0 = time.time()
     datasets = parse_list(cfg.ppl, DATASETS, "dataset") if cfg.ppl else []
     tasks = parse_list(cfg.tasks, TASKS + ("all",), "task") if cfg.tasks else []
@@ -365,4 +361,4 @@ def main(cfg: Config):
 if __name__ == "__main__":
     run(lambda: main(parse_config(Config, "Perplexity (GPTQ protocol), zero-shot accuracy (lm-eval protocol), errors "
                                   "against full precision and generation, for a checkpoint or a quantized model.",
-                                  sys.argv[1:], lambda **given: Config(**with_default_dtype(given)))))
+                                  sys.argv[1:])))

@@ -24,7 +24,7 @@ its finetuning stage. Nothing of apiq is needed to load the result. Three format
     lm_eval --model hf --model_args pretrained=out/hf/apiq-w2/base,peft=out/hf/apiq-w2/adapter --tasks piqa
 
 OUT/base: config.json (LlamaForCausalLM), model.safetensors (--dtype; Q(W) of every block linear,
-q/k rows in transformers' RoPE layout, llama.hf_permute), generation_config.json,
+q/k rows in transformers' RoPE layout, checkpoints.hf_permute), generation_config.json,
 apiq_source.json (the source's apiq.json), tokenizer.json + tokenizer_config.json (a GGUF
 byte-level BPE, e.g. SmolLM2, rewritten in the `tokenizers` format) or tokenizer.model
 (SentencePiece, Llama-2). OUT/adapter: adapter_config.json and
@@ -49,17 +49,20 @@ import os
 import shutil
 from pathlib import Path
 
+import gguf
 import torch
+from safetensors.torch import save_file
 
+from checkpoints import GGUF_NAMES, HF_NAMES, hf_permute, rename
 from cli import DTYPES, ArgumentParser, atomic_write, check_writable, run, write_json
-from llama import GGUF_NAMES, HF_NAMES, hf_permute, rename
 from lora import adapters, quant_linears
-from qmodel import is_kept
+from qmodel import is_kept, load_quantized
 from quant import pack, unpack
+from tokenizer import BYTE, GGUF_PRE_PATTERNS, NORMAL, GGUFTokenizer, SentencePieceTokenizer
 
-HF_LINEAR = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
-             "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
+# the readers' tables backwards, ours -> theirs: rename(name, TO_HF), rename(name, TO_GGUF)
+TO_HF = {ours: theirs for theirs, ours in HF_NAMES.items()}
+TO_GGUF = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
 HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 FORMATS = ("hf", "gptq", "gguf")
 GPTQ_BITS = (2, 3, 4, 8)           # the widths GPTQ's packed layout has (5-7 only in gptqmodel's planar gptq_p)
@@ -91,18 +94,16 @@ def to_hf_rows(name: str, w: torch.Tensor, args) -> torch.Tensor:
 
 def hf_linear_name(name: str) -> str:
     """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj`."""
-    _, l, rest = name.split(".", 2)
-    return f"model.layers.{l}.{HF_LINEAR[rest]}"
+    return rename(f"{name}.weight", TO_HF).removesuffix(".weight")
 
 
 def base_tensors(model, dtype, merge: bool, fmt="hf") -> dict:
     """transformers' state dict: per block linear Q(W) (or Q(W) + s B A with merge) or, with
     fmt="gptq", its packed GPTQ tensors; the rest as is."""
-    to_hf = {ours: theirs for theirs, ours in HF_NAMES.items()}
     out = {}
     for name, p in model.state_dict().items():
         if is_kept(name):                                      # embeddings, norms, head; the linears below
-            out[rename(name, to_hf)] = p.detach().to(dtype)
+            out[rename(name, TO_HF)] = p.detach().to(dtype)
     for name, m in quant_linears(model):
         if fmt == "gptq":
             out |= gptq_tensors(name, m, model.args)
@@ -184,7 +185,7 @@ def adapter_files(model, base_dir) -> tuple[dict, dict]:
         tensors[f"{prefix}.lora_A.weight"] = m.A.detach().float().contiguous()                       # (r, in)
         tensors[f"{prefix}.lora_B.weight"] = to_hf_rows(name, m.B.detach().float(), model.args).contiguous()  # (out, r)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-              "target_modules": sorted({HF_LINEAR[n.split(".", 2)[2]].split(".")[1] for n in found}),
+              "target_modules": sorted({hf_linear_name(n).rsplit(".", 1)[1] for n in found}),
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "base_model_name_or_path": str(Path(base_dir).resolve())}
@@ -194,7 +195,6 @@ def adapter_files(model, base_dir) -> tuple[dict, dict]:
 def hf_tokenizer_json(spec: dict) -> dict:
     """A GGUF byte-level BPE vocabulary (tokenizer.GGUFTokenizer.spec) in the `tokenizers`
     library's format: the same pre-tokenizer regex, vocabulary, merge order and special tokens."""
-    from tokenizer import BYTE, GGUF_PRE_PATTERNS, NORMAL
     special = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
                 "special": True} for i, (t, ty) in enumerate(zip(spec["tokens"], spec["token_types"]))
                if ty not in (NORMAL, BYTE)]
@@ -220,7 +220,6 @@ def hf_tokenizer_json(spec: dict) -> dict:
 
 def write_tokenizer(tok, out: Path, max_len: int):
     """tokenizer files transformers' AutoTokenizer reads, encoding as `tok` does."""
-    from tokenizer import GGUFTokenizer, SentencePieceTokenizer
     config = {"model_max_length": max_len, "clean_up_tokenization_spaces": False}
     if isinstance(tok, GGUFTokenizer):
         name = {i: None if i is None else tok.spec["tokens"][i] for i in (tok.bos_id, tok.eos_id)}
@@ -257,7 +256,6 @@ def export(src, out, dtype=None, merge=False, force=False, fmt="hf"):
         raise ValueError(f"{out} is a file: the export is a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"{out} exists and is not empty: choose another directory or pass --force to overwrite")
-    from qmodel import load_quantized
     model, tok = load_quantized(src, cache=False)             # ValueError: not a (finished) quantized model
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)                # what a killed export left
@@ -277,7 +275,6 @@ def export(src, out, dtype=None, merge=False, force=False, fmt="hf"):
 
 def write_export(src, out, model, tok, dtype, merge, final, fmt="hf") -> bool:
     """The export's files under `out` (its final place: `final`); returns whether it has an adapter."""
-    from safetensors.torch import save_file
     if fmt == "gguf":
         return write_gguf(model, tok, out)
     base = out if merge else out / "base"
@@ -294,7 +291,7 @@ def write_export(src, out, model, tok, dtype, merge, final, fmt="hf") -> bool:
                      lambda tmp: save_file(lora, tmp, metadata={"format": "pt"}))
         write_json(out / "adapter" / "adapter_config.json", config)
     # how the model was made, for the record (not named apiq.json: the export is a Hugging Face
-    # directory, and `--ckpt base/` must load it as one: llama.load reads its config.json)
+    # directory, and `--ckpt base/` must load it as one: checkpoints.load reads its config.json)
     shutil.copyfile(Path(src) / "apiq.json", base / "apiq_source.json")
     config = hf_config(model.args, tied, tok, dtype)
     if fmt == "gptq":
@@ -326,8 +323,6 @@ def write_gguf(model, tok, out: Path) -> bool:
     """OUT/model.gguf (the base, block linears in Q4_1) and, if the model has adapters,
     OUT/lora.gguf (llama.cpp's LoRA: lora_a = A (r, in), lora_b = B (out, r), adapter.lora.alpha).
     Rows stay in Meta's q/k order, which is GGUF's. Returns whether it wrote an adapter."""
-    import gguf
-    from tokenizer import GGUFTokenizer
     a = model.args
     for name, m in quant_linears(model):
         if m.bits != 4 or m.group_size % 32:
@@ -338,7 +333,6 @@ def write_gguf(model, tok, out: Path) -> bool:
                          f"{type(tok).__name__}: export --format hf and convert it with llama.cpp's tools")
     if a.use_scaled_rope:
         raise ValueError("--format gguf: Llama 3.1's scaled RoPE (rope_freqs) is not written; use --format hf")
-    to_gguf = {ours: theirs for theirs, ours in GGUF_NAMES.items()}         # rename(name, to_gguf): ours -> GGUF
     out.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out / "model.gguf"), "llama")
     w.add_name("apiq"), w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
@@ -355,10 +349,10 @@ def write_gguf(model, tok, out: Path) -> bool:
     for name, p in model.state_dict().items():
         if is_kept(name) and not (name == "output.weight" and model.output.weight is model.tok_embeddings.weight):
             t = p.detach().to(torch.float16 if p.dim() == 2 else torch.float32)   # norms stay f32, as llama.cpp keeps them
-            w.add_tensor(rename(name, to_gguf), t.numpy())
+            w.add_tensor(rename(name, TO_GGUF), t.numpy())
     for name, m in quant_linears(model):
         codes = unpack(m.codes, m.bits, (m.out_features, m.in_features))
-        w.add_tensor(rename(f"{name}.weight", to_gguf), q4_1_blocks(codes, m.scale, m.zero).numpy(),
+        w.add_tensor(rename(f"{name}.weight", TO_GGUF), q4_1_blocks(codes, m.scale, m.zero).numpy(),
                      raw_dtype=gguf.GGMLQuantizationType.Q4_1)
     write_gguf_file(w)
     found = adapters(model)
@@ -369,7 +363,7 @@ def write_gguf(model, tok, out: Path) -> bool:
     w.add_type("adapter"), w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", float(alpha))                       # llama.cpp scales by alpha / r
     for name, m in found.items():
-        base = rename(f"{name}.weight", to_gguf)
+        base = rename(f"{name}.weight", TO_GGUF)
         w.add_tensor(f"{base}.lora_a", m.A.detach().float().numpy())         # (r, in): ggml ne = [in, r]
         w.add_tensor(f"{base}.lora_b", m.B.detach().float().numpy())         # (out, r): ggml ne = [r, out]
     write_gguf_file(w)

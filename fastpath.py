@@ -1,68 +1,148 @@
-"""Speed devices: the same numbers as the formulas of quant.py, lora.py, calibrate.py and
-saliency.py, computed with fewer passes over the weights or less memory. None of them changes the
-math; each is tested against the plain formula (tests/test_lora.py, tests/test_saliency.py).
+"""Speed devices: the numbers of quant.py, lora.py, calibrate.py and saliency.py computed with
+fewer passes over the weights or less memory, installed by one explicit call,
 
-- qmatmul / PackedMatmul: x Q(W)^T for a QuantLinear, from its cached Q(W), its packed codes
-  (dequantized in the forward and again in the backward, so autograd keeps ~2.6 bits a weight,
-  not a dequantized copy: finetune.py --packed), or fake_quant of W (calibration).
-- step_weights / use_qweights: one calibration step quantizes every linear once and hands the
-  same Q(W) tensors to the forward and to the saliency penalty; in fp32 it forms W_eff = Q(W) +
-  s B A once where that takes fewer flops than the LoRA path x Q^T + s (x A^T) B^T (the step's
-  tokens T: T (in + out) > in out), or for the AfterLoRA penalty, which then needs no B A of its
-  own; the forward is x W_eff^T alone (bench/bench_penalty.py, bench/bench_quantizer.py).
-- WeightedDistance: sum_i alpha_i (w_i - W_eff,i)^2 of Cao & Aref eq. (2) with its gradients
-  written out, half the passes of autograd over the block's weights.
-- square_grads_into: the saliency pass squares each weight's gradient into its accumulator the
-  moment autograd has it and drops it, so no full set of gradients ever exists.
-- autocast_like: bf16 / fp16 activations compute their matmuls under autocast.
-- FakeQuant: quant.fake_quant (LWC, rounding offset, STE) as one autograd Function with its
-  backward written out: the forward keeps no (out, in) intermediate for the backward, which
-  recomputes the codes from W, the step and the zero point; compile_quantizer() fuses each pass
-  into one loop with torch.compile (tests/test_quant.py checks values and gradients against
-  quant.fake_quant, eager and compiled; bench/bench_quantizer.py times them).
+    qblock, penalty, AdamW = fastpath.accelerate(qblock, penalty, compile=False)
 
-    python -c "import torch, fastpath; print(fastpath.autocast_like(torch.zeros(1, dtype=torch.bfloat16)))"
+which calibrate.py makes with --fast (and --compile, --quick, --long) and finetune.py with
+--packed. Without it the concept files run their formulas as written. accelerate returns:
+
+- the module with every lora.QuantLinear swapped for a FastQuantLinear (the same tensors):
+  - Q(W) through FakeQuant: quant.fake_quant (LWC, rounding offset, STE) as one autograd Function
+    with its backward written out; the forward keeps no (out, in) intermediate for the backward,
+    which recomputes the codes. compile=True fuses each of its two passes into one loop with
+    torch.compile (~5 s per weight shape, cached on disk by torch).
+  - in a calibration step in fp32, W_eff = Q(W) + s B A formed once where that takes fewer flops
+    than the LoRA path x Q^T + s (x A^T) B^T: T (in + out) > in out for the step's T tokens (or
+    always with the AfterLoRA penalty, which then needs no B A of its own; never with the
+    BeforeLoRA one, nor in bf16 / fp16, where a small s B A would round away); the forward is then
+    x W_eff^T alone, and the step's Q(W) or W_eff is handed on to the penalty.
+  - PackedMatmul: x Q(W)^T from the packed codes while the adapters of a frozen model train, Q(W)
+    dequantized in the forward and again in the backward, never kept (~2.6 bits a weight).
+- the penalty as a FastPenalty: sum_i alpha_i (w_i - W_eff,i)^2 of Cao & Aref eq. (2) through
+  WeightedDistance, its gradients written out (half the passes of autograd over the weights),
+  on the weights the step's forward applied.
+- torch's fused AdamW (one pass over each parameter a step; the rounding offsets are as many as
+  the weights).
+
+Each device has the plain formula's values: FakeQuant and PackedMatmul bit for bit (compiled:
+within fp32 rounding of the gradients), the merged W_eff and WeightedDistance within fp32
+rounding, fused AdamW within its kernel's rounding (tests/test_fastpath.py;
+bench/bit_identity.py holds whole runs to the code before this became one call;
+bench/bench_quantizer.py times them).
+
+    python -c "import fastpath, lora, torch; print(fastpath.accelerate(lora.QuantLinear.from_linear(torch.nn.Linear(64, 8), rank=4)).module)"
 """
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from functools import cache, partial
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from quant import fake_quant as reference_fake_quant
+from lora import QuantLinear
+from saliency import SaliencyPenalty
 
 
-def autocast_like(x):
-    """Autocast to x's dtype where it is bf16 / fp16 (weights and cached activations in that
-    dtype, matmuls under autocast, CUDA and CPU alike), nothing in fp32."""
-    return nullcontext() if x.dtype == torch.float32 else torch.autocast(x.device.type, dtype=x.dtype)
+class Accelerated(NamedTuple):
+    module: torch.nn.Module                 # the QuantLinears swapped for FastQuantLinear
+    penalty: Optional[SaliencyPenalty]      # a FastPenalty, or None
+    optimizer: type                         # torch.optim.AdamW with fused=True
 
 
-def _square_into(acc, p):
-    g = p.grad.float()                     # a new tensor unless the grad is fp32 already: free to square in place
-    acc.add_(g.square_().to(acc.device))   # acc += (dL / dw)^2
-    p.grad = None                          # so the next sequence starts from nothing, and memory is freed now
+def accelerate(module, penalty=None, compile=False) -> Accelerated:
+    """Install the speed devices (the module docstring) in `module` (a QuantLinear, a block or a
+    whole model: swapped in place, the same tensors) and `penalty`."""
+    kernels = compiled_kernels() if compile else EAGER
+    variant = None if penalty is None else penalty.variant
+
+    def fast(m):
+        return FastQuantLinear.of(m, variant, kernels)
+    if isinstance(module, QuantLinear):
+        module = fast(module)
+    else:
+        for name, m in [(n, m) for n, m in module.named_modules() if type(m) is QuantLinear]:
+            module.set_submodule(name, fast(m))
+    return Accelerated(module, None if penalty is None else FastPenalty(penalty),
+                       partial(torch.optim.AdamW, fused=True))
 
 
-def square_grads_into(w, acc):
-    """From now on each backward adds (dL/dw)^2 to `acc` (w's shape) and frees w.grad; returns the
-    hook's handle (.remove() it when done)."""
-    w.requires_grad_(True)
-    return w.register_post_accumulate_grad_hook(partial(_square_into, acc))
+class FastQuantLinear(QuantLinear):
+    """lora.QuantLinear with FakeQuant, the merged W_eff of a calibration step and PackedMatmul.
+    penalty_variant: the variant of the penalty the step adds (None: no penalty), which decides
+    merging; the step's weight is kept for the penalty only where there is one."""
+
+    @classmethod
+    def of(cls, m, penalty_variant=None, kernels=None):
+        f = cls(m.A, m.B, m.bits, m.group_size, m.lora_alpha)
+        f.A, f.B = m.A, m.B                                          # the same parameters, not copies
+        for name in ("weight", "bias", "codes", "scale", "zero", "q_cache", "gamma", "beta", "offset"):
+            setattr(f, name, getattr(m, name))
+        f.penalty_variant, f.kernels, f.step = penalty_variant, kernels or EAGER, None
+        return f
+
+    def qweight(self):
+        if self.q_cache is None and not self.quantized and self.gamma is not None and self.beta is not None \
+                and not self.weight.requires_grad:
+            return FakeQuant.apply(self.weight, self.gamma, self.beta, self.offset, self.bits, self.group_size,
+                                   self.kernels)
+        return super().qweight()
+
+    def merges(self, q, tokens) -> bool:
+        """Whether a step forms W_eff = Q(W) + s B A once (fp32 only): with the AfterLoRA penalty
+        always; with none where it takes fewer flops: the LoRA path x A^T, (x A^T) B^T and their
+        gradients cost 6 r T (in + out) for T tokens, the merged one (B A, dL/dB = s G A^T,
+        dL/dA = s B^T G with G = dL/dW_eff, which Q(W)'s clipping needs anyway) 6 r in out; with
+        the BeforeLoRA penalty never (it needs Q(W) alone)."""
+        if q.dtype != torch.float32 or self.penalty_variant == "before":
+            return False
+        return self.penalty_variant == "after" or tokens * (self.in_features + self.out_features) > \
+            self.in_features * self.out_features
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not self.quantized and self.q_cache is None and torch.is_grad_enabled():    # a calibration step
+            q = self.qweight()
+            merged = self.merges(q, x.shape[:-1].numel())
+            w = torch.addmm(q, self.B, self.A, alpha=self.scaling) if merged else q     # W_eff or Q(W), (out, in)
+            if self.penalty_variant is not None:
+                self.step = (w, merged)                              # for the penalty of the same step
+            y = F.linear(x, w.to(x.dtype), bias)
+            if merged:
+                return y
+        elif self.quantized and self.q_cache is None and torch.is_grad_enabled() and x.requires_grad:
+            y = PackedMatmul.apply(x, self)                          # training the adapters of a packed model
+            y = y if bias is None else y + bias
+        else:
+            return super().forward(x)
+        lora = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))  # (x A^T) B^T
+        return y + self.scaling * lora
+
+    def take_step(self):
+        """(the weight the last calibration step applied, whether it is W_eff), once; or None."""
+        step, self.step = self.step, None
+        return step
+
+    def freeze(self, cache=True):
+        self.step = None
+        super().freeze(cache)
 
 
-# ---- Q(W) while calibrating
+class FastPenalty(SaliencyPenalty):
+    """saliency.SaliencyPenalty (the same state: alphas, lambdas, scales) with each linear's
+    distance through WeightedDistance, on the Q(W) or W_eff that the step's forward applied."""
 
-FUSED_QUANT = True      # QuantLinear.qweight() calibrates through FakeQuant; False: quant.fake_quant (reference)
+    def __init__(self, plain: SaliencyPenalty):
+        self.__dict__ = plain.__dict__                              # shared, not copied
+
+    def linear_distance(self, m, alpha):
+        step = m.take_step() if isinstance(m, FastQuantLinear) else None
+        if step is not None and step[1]:                             # the step's W_eff
+            return WeightedDistance.apply(m.weight, step[0], alpha, None, None, 0.0)
+        q = m.qweight() if step is None else step[0]
+        lora = (m.B, m.A, m.scaling) if self.variant == "after" else (None, None, 0.0)  # W_eff = q + s B A, or q
+        return WeightedDistance.apply(m.weight, q, alpha, *lora)
 
 
-def fake_quant(w, bits, group_size, gamma=None, beta=None, offset=None):
-    """quant.fake_quant's values and gradients in gamma, beta, offset, through FakeQuant where it
-    applies (W frozen, both clipping logits given), else through the reference itself."""
-    if not FUSED_QUANT or w.requires_grad or gamma is None or beta is None:
-        return reference_fake_quant(w, bits, group_size, gamma, beta, offset)
-    return FakeQuant.apply(w, gamma, beta, offset, bits, group_size)
-
+# ---- Q(W): FakeQuant
 
 def _fq_codes(g, step, zero, offset):
     """c = round(W / step + V) + zero, eq. (5) before its clamp: (out, G, gs) from W grouped, step and
@@ -87,35 +167,36 @@ def _fq_backward(g, grad, step, zero, offset, qmax: int):
     return gstep, gm.mul_(step)
 
 
-_QUANT_KERNELS = {"forward": _fq_forward, "backward": _fq_backward}
+class Kernels(NamedTuple):
+    forward: object       # _fq_forward or its compiled form
+    backward: object
 
 
-def compile_quantizer(on=True):
-    """FakeQuant's two elementwise passes through torch.compile (one fused loop each, ~5 s to
-    compile per weight shape, cached on disk by torch) or back to eager. calibrate.py --compile."""
-    if on:
-        _QUANT_KERNELS.update(forward=_compiled(_fq_forward), backward=_compiled(_fq_backward))
-    else:
-        _QUANT_KERNELS.update(forward=_fq_forward, backward=_fq_backward)
+EAGER = Kernels(_fq_forward, _fq_backward)
 
 
-def _compiled(fn):
+@cache
+def compiled_kernels() -> Kernels:
+    """FakeQuant's two elementwise passes through torch.compile, made once a process."""
+    return Kernels(Compiled(_fq_forward), Compiled(_fq_backward))
+
+
+class Compiled:
     """torch.compile(fn), falling back to fn itself (the same values) where compiling fails, e.g. on a
-    machine without the C++ compiler that inductor needs on a CPU."""
-    compiled = torch.compile(fn, dynamic=False)
+    machine without the C++ compiler that inductor needs on a CPU (fell_back then says so)."""
 
-    def call(*args):
-        nonlocal compiled
-        if compiled is not fn:
+    def __init__(self, fn):
+        self.fn, self.compiled, self.fell_back = fn, torch.compile(fn, dynamic=False), False
+
+    def __call__(self, *args):
+        if not self.fell_back:
             try:
-                return compiled(*args)
+                return self.compiled(*args)
             except Exception as e:                          # noqa: BLE001 (any compiler failure)
                 import warnings
                 warnings.warn(f"torch.compile of the quantizer failed ({type(e).__name__}): it runs eagerly")
-                compiled, call.fell_back = fn, True
-        return fn(*args)
-    call.fell_back = False
-    return call
+                self.fell_back = True
+        return self.fn(*args)
 
 
 class FakeQuant(torch.autograd.Function):
@@ -130,10 +211,10 @@ class FakeQuant(torch.autograd.Function):
 
     The forward saves only per-group tensors (step, zero, clipping factors, max and min); W and V
     are the caller's tensors, kept anyway, and the backward recomputes the codes from them. The
-    two elementwise passes are _fq_forward and _fq_backward (compiled by compile_quantizer)."""
+    two elementwise passes are `kernels` (EAGER: _fq_forward and _fq_backward; or compiled_kernels())."""
 
     @staticmethod
-    def forward(ctx, w, gamma, beta, offset, bits, group_size):
+    def forward(ctx, w, gamma, beta, offset, bits, group_size, kernels):
         out, n_in = w.shape
         qmax = 2**bits - 1
         g = w.float().reshape(out, n_in // group_size, group_size)              # (out, G, gs), a view in fp32
@@ -143,9 +224,9 @@ class FakeQuant(torch.autograd.Function):
         step = raw.clamp(1e-5, 1e4)
         zero = torch.round(-(sb * xmin0) / step).clamp_(0, qmax)                # eq. (4)
         v = None if offset is None else offset.float().reshape(g.shape)
-        w_hat = _QUANT_KERNELS["forward"](g, step.unsqueeze(-1), zero.unsqueeze(-1), v, qmax)
+        w_hat = kernels.forward(g, step.unsqueeze(-1), zero.unsqueeze(-1), v, qmax)
         ctx.save_for_backward(w, offset, step, zero, sg, sb, xmax0, xmin0, raw)
-        ctx.bits, ctx.group_size = bits, group_size
+        ctx.bits, ctx.group_size, ctx.kernels = bits, group_size, kernels
         return w_hat.reshape(out, n_in).to(w.dtype)
 
     @staticmethod
@@ -155,26 +236,16 @@ class FakeQuant(torch.autograd.Function):
         qmax = 2**ctx.bits - 1
         g = w.float().reshape(out, n_in // ctx.group_size, ctx.group_size)
         v = None if offset is None else offset.float().reshape(g.shape)
-        gstep, goffset = _QUANT_KERNELS["backward"](g, grad.float().reshape(g.shape), step.unsqueeze(-1),
-                                                    zero.unsqueeze(-1), v, qmax)
+        gstep, goffset = ctx.kernels.backward(g, grad.float().reshape(g.shape), step.unsqueeze(-1),
+                                              zero.unsqueeze(-1), v, qmax)
         gstep = gstep * ((raw >= 1e-5) & (raw <= 1e4))                          # through eq. (3)'s clamp
         ggamma = gstep * xmax0 * sg * (1 - sg) / qmax
         gbeta = -gstep * xmin0 * sb * (1 - sb) / qmax
         goffset = goffset.reshape(offset.shape).to(offset.dtype) if offset is not None else None
-        return None, ggamma.to(sg.dtype), gbeta.to(sb.dtype), goffset, None, None
+        return None, ggamma.to(sg.dtype), gbeta.to(sb.dtype), goffset, None, None, None
 
 
-# ---- x Q(W)^T
-
-def qmatmul(x, m):
-    """x Q(W)^T + bias for QuantLinear m (..., in) -> (..., out). While training the adapters of a
-    packed model (no cached Q(W)), through PackedMatmul: Q(W) is not kept for the backward."""
-    bias = None if m.bias is None else m.bias.to(x.dtype)
-    if m.q_cache is None and m.quantized and torch.is_grad_enabled() and x.requires_grad:
-        y = PackedMatmul.apply(x, m)
-        return y if bias is None else y + bias
-    return F.linear(x, m.qweight().to(x.dtype), bias)
-
+# ---- x Q(W)^T of a frozen, packed QuantLinear while its adapters train
 
 class PackedMatmul(torch.autograd.Function):
     """x Q(W)^T with Q(W) dequantized from the codes in the forward and again in the backward (for
@@ -189,52 +260,6 @@ class PackedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g @ ctx.m.qweight().to(g.dtype), None                      # (..., in)
-
-
-# ---- one calibration step's weights
-
-def merged_weight(m, q):
-    """W_eff = Q(W) + s B A (out, in) of QuantLinear m, differentiable in Q(W), B and A."""
-    return torch.addmm(q, m.B, m.A, alpha=m.scaling)
-
-
-def merges(penalty, m, q, tokens) -> bool:
-    """Whether a step forms W_eff = Q(W) + s B A of QuantLinear m once (fp32 only: in bf16 / fp16 a
-    small s B A would round away in one low-precision W_eff):
-    - with the AfterLoRA penalty always: the penalty needs W_eff itself;
-    - with no penalty where it costs fewer flops than the LoRA path: over a step the separate path
-      x A^T, (x A^T) B^T and their gradients take 6 r T (in + out) flops for T tokens, the merged one
-      B A, dL/dB = s G A^T, dL/dA = s B^T G (G = dL/dW_eff, which Q(W)'s clipping needs anyway)
-      6 r in out: so when T (in + out) > in out (SmolLM2, T = 256: k_proj, v_proj; T >= 512: all);
-    - with the BeforeLoRA penalty never (it needs Q(W) alone)."""
-    if q.dtype != torch.float32 or (penalty is not None and penalty.variant != "after"):
-        return False
-    return penalty is not None or tokens * (m.in_features + m.out_features) > m.in_features * m.out_features
-
-
-def step_weights(linears, penalty=None, tokens=0):
-    """(the weights one step applies, merged): Q(W) of each QuantLinear, differentiable in gamma,
-    beta (and the rounding offsets), or W_eff = Q(W) + s B A where merges() says so (a list of
-    bools, one a linear); tokens: how many the step's forward sees (B T)."""
-    qs = [m.qweight() for m in linears]
-    merged = [merges(penalty, m, q, tokens) for m, q in zip(linears, qs)]
-    return [merged_weight(m, q) if mm else q for m, q, mm in zip(linears, qs, merged)], merged
-
-
-@contextmanager
-def use_qweights(linears, qs, merged=None):
-    """Inside the block, each QuantLinear of `linears` applies the given Q(W) (still in the
-    autograd graph) instead of computing its own; merged (step_weights' bools, one a linear; None:
-    none) True: that tensor is W_eff and the forward is x W_eff^T alone, without the LoRA path."""
-    linears = list(linears)
-    merged = merged or [False] * len(linears)
-    try:
-        for m, q, mm in zip(linears, qs, merged):
-            m.q_cache, m.merged = q, mm
-        yield
-    finally:
-        for m in linears:
-            m.q_cache, m.merged = None, False
 
 
 # ---- the distance of Cao & Aref eq. (2)

@@ -35,12 +35,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (DTYPES, arg, as_flags, atomic_write, check_device, check_writable, peak_memory_gib,
-                 reset_peak_memory, result_settings, with_default_dtype, write_json)
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import fastpath
+from cli import (DEFAULT_DEVICE, DTYPES, default_dtype, arg, as_flags, atomic_write, check_device, check_writable, parse_config,
+                 peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
 from data import ppl_windows, train_windows
+from evaluate import perplexity
 from llama import check_seqlen
 from lora import LoraLinear, adapters, is_quantized, swap_linears
-from recipes import FINETUNE_QUICK, lr_factor
+from qmodel import check_linears, is_kept, load, read_quantized_config, save_quantized
+from recipes import FINETUNE_QUICK, lr_factor, preset
 from runs import output_dir, resume_finetune, save_checkpoint
 
 # ---- the loss of one forward pass
@@ -115,9 +121,10 @@ def load_student(cfg):
     """(model, tok, source info): the quantized model with only A, B trainable (cached Q(W): a
     step costs what a full-precision LoRA step costs), or with --fp-lora the full-precision model
     with plain LoRA on its block linears."""
-    from qmodel import check_linears, load, read_quantized_config
     dtype = DTYPES[cfg.dtype]
     model, tok = load(cfg.ckpt, device=cfg.device, dtype=dtype, cache=not cfg.packed)
+    if cfg.packed:
+        model = fastpath.accelerate(model).module     # PackedMatmul: Q(W) dequantized in each pass, never kept
     if is_quantized(model):
         source = read_quantized_config(Path(cfg.ckpt))
         if not adapters(model):
@@ -140,7 +147,6 @@ def load_student(cfg):
 
 
 def load_teacher(cfg, source):
-    from qmodel import load
     name = cfg.teacher or source.get("source")
     if not name:
         raise ValueError(f"--loss kd: {cfg.ckpt} does not name its full-precision source; give --teacher")
@@ -152,17 +158,11 @@ def load_teacher(cfg, source):
 
 def save_model(cfg, model, tok, out, source, summary):
     """The finetuned model in calibrate.py's format (A, B replaced), or --fp-lora's adapters."""
-    from safetensors.torch import save_file
-
-    from qmodel import save_quantized
     if source["method"] == "fp":
         tensors = {f"{n}.{k}": getattr(m, k).detach().cpu().contiguous() for n, m in adapters(model).items()
                    for k in ("A", "B")}
         atomic_write(out / "adapters.safetensors", lambda tmp: save_file(tensors, tmp))
         return
-    from safetensors import safe_open
-
-    from qmodel import is_kept
     made = {k: v for k, v in source.items() if k not in ("format", "model_args", "tied_embeddings", "linears")}
     with safe_open(str(Path(cfg.ckpt) / "model.safetensors"), framework="pt") as f:   # frozen: the start's own bytes
         kept = {k: f.get_tensor(k) for k in f.keys() if is_kept(k)}                  # (not rounded to a bf16 --dtype)
@@ -171,7 +171,6 @@ def save_model(cfg, model, tok, out, source, summary):
 
 
 def held_out(model, tok, cfg) -> dict:
-    from evaluate import perplexity
     seqlen = min(cfg.eval_seqlen, model.args.max_seq_len)
     windows = ppl_windows("wikitext2", tok, seqlen, cfg.data_dir)[: cfg.eval_limit]   # (n, seqlen)
     was_training = model.training
@@ -182,9 +181,6 @@ def held_out(model, tok, cfg) -> dict:
 
 
 # ---- the script
-
-ON_GPU = torch.cuda.is_available()
-
 
 @dataclass
 class Config:
@@ -211,20 +207,25 @@ class Config:
     eval_seqlen: int = arg(2048, "tokens per held-out window")
     eval_before: bool = arg(False, "also measure the held-out perplexity before training", result=False)
     save_every: int = arg(20, "optimizer steps between checkpoints", result=False)
-    packed: bool = arg(False, "keep the codes packed and dequantize in every forward: less memory, slower steps "
-                       "(default: Q(W) cached, a step costs what a full-precision LoRA step costs)", result=False)
+    packed: bool = arg(False, "keep the codes packed and dequantize in every forward and backward (fastpath."
+                       "accelerate's PackedMatmul): less memory, slower steps (default: Q(W) cached, a step costs "
+                       "what a full-precision LoRA step costs)", result=False)
     quick: bool = arg(False, f"the CPU recipe (SmolLM2: 10-15 min on one core): {as_flags(FINETUNE_QUICK)}", result=False)
     out: Optional[str] = arg(None, "output directory (default <ckpt>-ft, -ft-kd with --loss kd)", result=False)
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
-    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda", result=False)
-    dtype: str = arg("bf16" if ON_GPU else "fp32", "weights and activations (A, B and AdamW stay fp32; no fp16: "
-                     "its gradients underflow without loss scaling)", choices=("fp32", "bf16"))
+    device: str = arg(DEFAULT_DEVICE, "cpu or cuda", result=False)
+    dtype: Optional[str] = arg(None, "weights and activations (default bf16 on a GPU, fp32 on the CPU; A, B and AdamW "
+                               "stay fp32; no fp16: its gradients underflow without loss scaling)",
+                               choices=("fp32", "bf16"), type=str)
     threads: Optional[int] = arg(None, "torch CPU threads (pass 1 beside another job)", result=False, type=int)
+
+    def __post_init__(self):
+        self.dtype = self.dtype or default_dtype(self.device)
 
 
 def make_config(**given) -> Config:
     """Config from the given settings, --quick's recipe filling what was not given."""
-    return Config(**with_default_dtype((FINETUNE_QUICK if given.get("quick") else {}) | given))
+    return Config(**preset(given, quick=FINETUNE_QUICK))
 
 
 def finetune_dir(cfg) -> Path:
@@ -279,5 +280,6 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    from cli import parse_config, run
-    run(lambda: main(parse_config(Config, __doc__.split("\n")[0], sys.argv[1:], build=make_config)))
+    run(lambda: main(parse_config(Config, __doc__.split("\n")[0] + " Interrupted (Ctrl-C, a crash, kill -9)? The "
+                                  "same command continues from the last checkpoint (--save-every), bit-identical on "
+                                  "CPU.", sys.argv[1:], build=make_config)))

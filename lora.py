@@ -24,9 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpath import fake_quant as fused_fake_quant
-from fastpath import qmatmul
-from quant import dequantize, pack, quantize, unpack, validate
+from quant import dequantize, fake_quant, pack, quantize, unpack, validate
 
 
 def lora_init(out_features, in_features, rank, device=None):
@@ -40,64 +38,53 @@ def lora_init(out_features, in_features, rank, device=None):
 class QuantLinear(nn.Module):
     """y = x Q(W)^T + s (x A^T) B^T  (LoRA on a quantized weight; s = lora_alpha / rank).
 
-    weight: the full-precision W (out, in), frozen; it is what the clipping, the weight error
-        and the saliency penalty refer to. None where W is not known (a model loaded from disk)
-        or was dropped to save memory.
-    gamma, beta: clipping logits (out, in // group_size), init 4.0 (sigmoid = 0.982): while they
-        exist, Q(W) = fake_quant(W, gamma, beta) is recomputed in every forward (calibration).
-    codes (packed uint8), scale, zero: the stored quantized weight, set by freeze() or given at
-        construction (QLoRA, LoftQ, a saved model); then Q(W) = dequantize(codes, scale, zero).
-    A (rank, in), B (out, rank): the LoRA factors, fp32 parameters. rank=0: no adapter.
-
-    qweight() is Q(W) in both states. cache_qweight() keeps a dequantized copy so a forward
-    does not unpack; fastpath.use_qweights lets the calibration objective hand one step's Q(W)
-    (or W_eff = Q(W) + s B A, merged) to the forward and to the penalty alike.
+    A (rank, in), B (out, rank): the LoRA factors, fp32 parameters; rank 0: no adapter.
+    Q(W) is one of two things:
+    - calibrating (from_linear): Q(W) = quant.fake_quant(W, gamma, beta[, offset]) in every
+      forward, differentiable in the clipping logits gamma, beta (out, in // group_size), init 4.0
+      (sigmoid = 0.982), and in the rounding offset V (out, in) of --learn-rounding (recipes.py);
+      `weight` is the full-precision W (out, in), frozen.
+    - frozen (freeze(), from_codes): Q(W) = quant.dequantize(codes, scale, zero), the codes
+      packed by quant.pack; cache_qweight() keeps Q(W) dequantized so a forward does not unpack.
+      `weight` is W where it is still known (the weight error, the saliency penalty), else None.
     """
 
-    def __init__(self, weight, bits=2, group_size=64, rank=64, lora_alpha=16.0, clip=True,
-                 A=None, B=None, bias=None, codes=None, scale=None, zero=None, shape=None, learn_rounding=False):
+    def __init__(self, A, B, bits=2, group_size=64, lora_alpha=16.0):
         super().__init__()
-        out_features, in_features = weight.shape if weight is not None else shape
-        validate(bits, group_size, in_features)
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.rank, self.lora_alpha = bits, group_size, rank, lora_alpha
-        self.scaling = lora_alpha / rank if rank > 0 else 0.0
-        device = (weight if weight is not None else scale).device
-        self.register_buffer("weight", None if weight is None else weight.detach())
-        self.register_buffer("bias", None if bias is None else bias.detach())
-        self.register_buffer("codes", None if codes is None else pack(codes, bits).to(device))
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
-        self.register_buffer("q_cache", None, persistent=False)
-        self.merged = False                             # q_cache holds W_eff = Q(W) + s B A (fastpath.use_qweights)
-        learn = clip and codes is None
-        n_groups = in_features // group_size
-        for name in ("gamma", "beta"):
-            self.register_parameter(name, nn.Parameter(torch.full((out_features, n_groups), 4.0, device=device))
-                                    if learn else None)
-        # beyond ApiQ: a learned rounding offset per weight (quant.fake_quant), zero at the start
-        self.register_parameter("offset", nn.Parameter(torch.zeros(out_features, in_features, device=device))
-                                if learn and learn_rounding else None)
-        if A is None:
-            A, B = lora_init(out_features, in_features, rank, device=device)
+        (self.rank, self.in_features), self.out_features = A.shape, B.shape[0]
+        validate(bits, group_size, self.in_features)
+        self.bits, self.group_size, self.lora_alpha = bits, group_size, lora_alpha
+        self.scaling = lora_alpha / self.rank if self.rank > 0 else 0.0
         # row-major copies: an SVD factor is often a strided view, and a strided weight takes a
         # different GEMM path whose rounding differs from the reloaded (contiguous) model's
         self.A = nn.Parameter(A.detach().float().clone(memory_format=torch.contiguous_format))
         self.B = nn.Parameter(B.detach().float().clone(memory_format=torch.contiguous_format))
+        for name in ("weight", "bias", "codes", "scale", "zero"):
+            self.register_buffer(name, None)
+        self.register_buffer("q_cache", None, persistent=False)
+        for name in ("gamma", "beta", "offset"):
+            self.register_parameter(name, None)
 
     @classmethod
     def from_linear(cls, linear, bits=2, group_size=64, rank=64, lora_alpha=16.0, learn_rounding=False):
         """ApiQ's starting point: W as it is, clipping logits 4.0, the standard LoRA init."""
-        return cls(linear.weight, bits, group_size, rank, lora_alpha, bias=linear.bias, learn_rounding=learn_rounding)
+        w = linear.weight
+        A, B = lora_init(*w.shape, rank, device=w.device)
+        m = cls(A, B, bits, group_size, lora_alpha)
+        m.weight, m.bias = w.detach(), None if linear.bias is None else linear.bias.detach()
+        n_groups = m.in_features // group_size
+        m.gamma = nn.Parameter(torch.full((m.out_features, n_groups), 4.0, device=w.device))
+        m.beta = nn.Parameter(torch.full((m.out_features, n_groups), 4.0, device=w.device))
+        if learn_rounding:   # beyond ApiQ: a rounding offset per weight (quant.fake_quant), zero at the start
+            m.offset = nn.Parameter(torch.zeros_like(w, dtype=torch.float32))
+        return m
 
     @classmethod
-    def from_export(cls, t, bits, group_size, rank, lora_alpha, shape, weight=None, device="cpu"):
-        """The inverse of export(): a quantized QuantLinear from its saved tensors `t` (keys
-        qweight (packed codes), scale, zero, A, B, optionally bias)."""
-        m = cls(weight, bits, group_size, rank, lora_alpha, clip=False, A=t["A"].to(device), B=t["B"].to(device),
-                bias=t["bias"].to(device) if "bias" in t else None, scale=t["scale"].to(device),
-                zero=t["zero"].to(device), shape=shape)
-        m.codes = t["qweight"].to(device)               # packed already
+    def from_codes(cls, codes, scale, zero, A, B, bits, group_size, lora_alpha=16.0, bias=None, weight=None):
+        """A frozen QuantLinear: codes packed by quant.pack, scale and zero (out, in // group_size),
+        the factors A, B; weight: W if it is to be kept."""
+        m = cls(A, B, bits, group_size, lora_alpha)
+        m.codes, m.scale, m.zero, m.bias, m.weight = codes, scale, zero, bias, weight
         return m
 
     @property
@@ -112,8 +99,7 @@ class QuantLinear(nn.Module):
         if self.quantized:
             codes = unpack(self.codes, self.bits, (self.out_features, self.in_features))
             return dequantize(codes, self.scale, self.zero.float(), self.group_size)
-        # quant.fake_quant's values and gradients, through fastpath.FakeQuant (same math, fewer passes)
-        return fused_fake_quant(self.weight, self.bits, self.group_size, self.gamma, self.beta, self.offset)
+        return fake_quant(self.weight, self.bits, self.group_size, self.gamma, self.beta, self.offset)  # eq. (3)-(6)
 
     def lora_weight(self):
         return self.scaling * self.B @ self.A  # s B A, (out, in)
@@ -135,7 +121,7 @@ class QuantLinear(nn.Module):
     def freeze(self, cache=True):
         """Calibration done: store Q(W) as integer codes with its scale and zero (the clipping is
         in them now, so gamma and beta go) and, with cache=True, keep it dequantized for speed.
-        A and B stay trainable: they are what finetuning trains. So does a learned rounding offset."""
+        A and B stay trainable: they are what finetuning trains."""
         codes, self.scale, self.zero = quantize(self.weight, self.bits, self.group_size, self.gamma, self.beta,
                                                 self.offset)
         self.codes = pack(codes, self.bits)
@@ -156,11 +142,11 @@ class QuantLinear(nn.Module):
         self.q_cache = None
 
     def forward(self, x):
-        y = qmatmul(x, self)                                               # x Q(W)^T (+ bias), fastpath.py
-        if self.merged:                                                    # the step applied W_eff = Q(W) + s B A
-            return y
+        """x (..., in) -> (..., out)."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.qweight().to(x.dtype), bias)                     # x Q(W)^T (+ bias)
         lora = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))  # (x A^T) B^T
-        return y + self.scaling * lora                                     # (LoRA)
+        return y + self.scaling * lora                                        # (LoRA)
 
     def export(self) -> dict:
         """Tensors to save: packed codes, scale and zero (out, in // group_size), A, B (and bias)."""
@@ -171,6 +157,14 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             out["bias"] = self.bias
         return out
+
+    @classmethod
+    def from_export(cls, t, bits, group_size, lora_alpha, weight=None, device="cpu"):
+        """The inverse of export(): a frozen QuantLinear from its saved tensors `t` (keys qweight
+        (packed codes), scale, zero, A, B, optionally bias)."""
+        t = {k: v.to(device) for k, v in t.items()}
+        return cls.from_codes(t["qweight"], t["scale"], t["zero"], t["A"], t["B"], bits, group_size, lora_alpha,
+                              t.get("bias"), weight)
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
@@ -281,8 +275,9 @@ def init_linear(linear, method, bits=2, group_size=64, rank=64, lora_alpha=16.0,
         init = loftq_init(w, bits, group_size, rank, lora_alpha, loftq_iters)
     else:
         init = qlora_init(w, bits, group_size, 0 if method == "rtn" else rank)
-    return QuantLinear(w, bits, group_size, 0 if method == "rtn" else rank, lora_alpha, A=init.A, B=init.B,
-                       bias=linear.bias, codes=init.codes, scale=init.scale, zero=init.zero)
+    return QuantLinear.from_codes(pack(init.codes, bits).to(w.device), init.scale, init.zero, init.A, init.B, bits,
+                                  group_size, lora_alpha, None if linear.bias is None else linear.bias.detach(),
+                                  w.detach())
 
 
 # ---- putting QuantLinear into a block ----
@@ -291,12 +286,9 @@ def swap_linears(block, make):
     """Replace every nn.Linear inside block (for a Llama block: llama.LINEARS) by make(linear).
     Returns {qualified name: new module}."""
     targets = [(name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear)]
-    swapped = {}
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = block.get_submodule(parent_name)
-        swapped[name] = make(linear)
-        setattr(parent, child, swapped[name])
+    swapped = {name: make(linear) for name, linear in targets}
+    for name, m in swapped.items():
+        block.set_submodule(name, m)
     return swapped
 
 

@@ -19,15 +19,39 @@ safetensors holds only tensors: loading it never runs code (no pickle).
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+import checkpoints
 import llama
+from cli import atomic_write, write_json
 from lora import QuantLinear, init_linear, is_quantized, quant_linears, swap_linears
 from quant import validate
+from tokenizer import GGUFTokenizer, Llama3Tokenizer, SentencePieceTokenizer
 
-INITS = ("rtn", "qlora", "loftq")  # the data-free initialisations (calibrate.py --method)
+
+
+class Method(NamedTuple):
+    name: str            # in apiq.json, the default output directories and the result files
+    label: str           # in the figures
+    data_free: bool      # a pure function of W (lora.py's inits, quantize_model) or calibrated on data
+    unused: tuple        # the calibrate.py settings it does not use, left out of apiq.json
+
+
+# every way calibrate.py makes a model (--method), in the paper's order: the one list that
+# calibrate.py, runs.py and plots/ read
+METHODS = {
+    "rtn": Method("rtn", "RTN", True, ("rank", "lora_alpha", "loftq_iters")),
+    "qlora": Method("qlora", "QLoRA", True, ("loftq_iters",)),
+    "loftq": Method("loftq", "LoftQ", True, ()),
+    "lw": Method("apiq-lw", "ApiQ-lw", False, ("loftq_iters",)),
+    "bw": Method("apiq-bw", "ApiQ-bw", False, ("loftq_iters",)),
+}
+INITS = tuple(k for k, m in METHODS.items() if m.data_free)
 FORMAT = "apiq-quantized-v1"
 
 
@@ -114,7 +138,6 @@ def linear_part(tensors, name) -> dict:
 
 
 def save_tokenizer(tok, out: Path):
-    from tokenizer import GGUFTokenizer, Llama3Tokenizer, SentencePieceTokenizer
     if isinstance(tok, GGUFTokenizer):
         (out / "tokenizer.json").write_text(json.dumps(tok.spec))
     elif isinstance(tok, SentencePieceTokenizer):
@@ -129,9 +152,7 @@ def save_quantized(model, tok, out, info: dict, kept: dict = None):
     """Write the directory described in the module docstring; `info` goes into apiq.json
     (method, source checkpoint, settings). apiq.json is written last. kept: the embeddings,
     norms and head to write as they are (default: the model's, in their storage dtype)."""
-    from safetensors.torch import save_file
 
-    from cli import atomic_write, write_json
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "apiq.json").unlink(missing_ok=True)
@@ -154,18 +175,20 @@ def save_quantized(model, tok, out, info: dict, kept: dict = None):
 
 
 def unfinished_run(path: Path):
-    """What a directory that a run left unfinished is, or None."""
+    """(what, the script that finishes it) of a directory that a run left unfinished, or None."""
     if (path / "progress.json").exists():
-        return "an unfinished calibration: rerun its calibrate.py command to finish it"
+        return "calibration", "calibrate.py"
     if (path / "checkpoint.pt").exists():
-        return "an unfinished finetuning: rerun its finetune.py command to finish it"
+        return "finetuning", "finetune.py"
     return None
 
 
 def read_quantized_config(path) -> dict:
     path = Path(path)
     if not (path / "apiq.json").is_file():
-        raise ValueError(f"{path}: {unfinished_run(path) or 'not a quantized model'} (no apiq.json)")
+        if run := unfinished_run(path):
+            raise ValueError(f"{path}: an unfinished {run[0]}: rerun its {run[1]} command to finish it (no apiq.json)")
+        raise ValueError(f"{path}: not a quantized model (no apiq.json)")
     try:
         cfg = json.loads((path / "apiq.json").read_text())
     except json.JSONDecodeError as e:
@@ -179,9 +202,7 @@ def load_quantized(path, device="cpu", dtype=torch.float32, cache=True):
     """(model, tok) from a saved directory. Each QuantLinear holds its packed codes, scale, zero
     and the LoRA factors, unmerged; cache=True also keeps Q(W) dequantized in `dtype` (fast; fp32:
     4 bytes a weight, bf16: 2), cache=False dequantizes in every forward (2-bit: ~2.6 bits a weight)."""
-    from safetensors import SafetensorError, safe_open
 
-    from tokenizer import GGUFTokenizer
     path = Path(path)
     cfg = read_quantized_config(path)
     args = llama.ModelArgs(**cfg["model_args"])
@@ -200,31 +221,30 @@ def load_quantized(path, device="cpu", dtype=torch.float32, cache=True):
             mod = None
         if mod is None or (mod.out_features, mod.in_features) != (out_f, in_f) or f"{name}.qweight" not in t:
             raise ValueError(f"{path}: {name} does not fit this model; the directory was made for another model")
-        q = QuantLinear.from_export(linear_part(t, name), spec["bits"], spec["group_size"], spec["rank"],
-                                    spec.get("lora_alpha", spec.get("alpha")), (out_f, in_f), device=device)
+        q = QuantLinear.from_export(linear_part(t, name), spec["bits"], spec["group_size"],
+                                    spec.get("lora_alpha", spec.get("alpha")), device=device)
         if cache:
             q.cache_qweight(dtype)           # in the dtype the model computes in
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
+        model.set_submodule(name, q)
     rest = {k: v if dtype is None else v.to(dtype) for k, v in t.items() if is_kept(k)}
-    if cfg["tied_embeddings"]:
-        rest["output.weight"] = rest["tok_embeddings.weight"]
-    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    missing, unexpected = llama.assign_weights(model, rest, cfg["tied_embeddings"])
     missing = [k for k in missing if is_kept(k)]
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if cfg["tied_embeddings"]:
-        model.output.weight = model.tok_embeddings.weight
     tok = GGUFTokenizer(**json.loads((path / "tokenizer.json").read_text())) \
-        if (path / "tokenizer.json").exists() else llama.find_tokenizer(path)
+        if (path / "tokenizer.json").exists() else checkpoints.find_tokenizer(path)
     model.requires_grad_(False)
     return model.to(device).eval(), tok
 
 
 def load(ckpt="smollm2-135m", device="cpu", dtype=torch.float32, cache=True):
-    """(model, tok) of a full-precision checkpoint (llama.load) or of a quantized model directory
-    written by calibrate.py (load_quantized): the entry point of the scripts that take either."""
-    path = llama.resolve_ckpt(str(ckpt))
+    """(model, tok) of a full-precision checkpoint (checkpoints.load) or of a quantized model directory
+    written by calibrate.py (load_quantized): the entry point of the scripts that take either. The
+    one place that tells apiq's own directories from checkpoints, an unfinished run's included."""
+    path = checkpoints.resolve_ckpt(str(ckpt))
     if path.is_dir() and (path / "apiq.json").exists():
         return load_quantized(path, device, dtype, cache)
-    return llama.load(str(ckpt), device, dtype)
+    if path.is_dir() and (run := unfinished_run(path)):
+        raise ValueError(f"{path} is an unfinished {run[0]} (no apiq.json yet): rerun its {run[1]} command to "
+                         f"finish it")
+    return checkpoints.load(path, device, dtype)

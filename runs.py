@@ -12,15 +12,17 @@ that marks a run finished (apiq.json, saliency.json, finetune_log.json) is writt
 import copy
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save, save_file
+from tqdm import tqdm
 
-from cli import atomic_write, peak_memory_gib, write_json
+from cli import atomic_write, write_json
 from llama import LINEARS
 from lora import QuantLinear, quant_linears, weight_errors
-from qmodel import linear_part, linear_tensors
+from qmodel import METHODS, linear_part, linear_tensors
 
 SALIENCY_FORMAT = "apiq-saliency-v1"
 CHUNK = 4  # windows at a time in block_log
@@ -70,7 +72,6 @@ def resume_blocks(out: Path, settings: dict) -> list:
 
 
 def save_block(out: Path, l: int, qblock):
-    from safetensors.torch import save_file
     tensors = {k: v for name, m in quant_linears(qblock) for k, v in linear_tensors(name, m).items()}
     atomic_write(out / "blocks" / f"block_{l:03d}.safetensors", lambda tmp: save_file(tensors, tmp))
 
@@ -79,10 +80,8 @@ def save_progress(out: Path, settings: dict, logs: list):
     write_json(out / "progress.json", {"settings": settings, "blocks": logs})
 
 
-def load_block(out: Path, l: int, fp_block, cfg, device):
+def load_block(out: Path, l: int, fp_block, bits, group_size, lora_alpha, device):
     """The quantized block l of an earlier run, as calibrate.calibrate_block returned it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     f = out / "blocks" / f"block_{l:03d}.safetensors"
     try:
         t = load_file(str(f), device=str(device))
@@ -90,36 +89,29 @@ def load_block(out: Path, l: int, fp_block, cfg, device):
         raise ValueError(f"{f} is missing or corrupt ({e}): delete {out} to start this calibration over") from None
     qblock = copy.deepcopy(fp_block, memo={id(p): p for p in fp_block.parameters()})
     for name in LINEARS:
-        lin = fp_block.get_submodule(name)
-        m = QuantLinear.from_export(linear_part(t, name), cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha,
-                                    tuple(lin.weight.shape), weight=lin.weight, device=device)
+        m = QuantLinear.from_export(linear_part(t, name), bits, group_size, lora_alpha,
+                                    weight=fp_block.get_submodule(name).weight, device=device)
         m.cache_qweight()
-        parent, _, child = name.rpartition(".")
-        setattr(qblock.get_submodule(parent), child, m)
+        qblock.set_submodule(name, m)
     return qblock
 
 
-def block_log(l, qblock, fp_block, Xq_next, Y, mse_before, retries, t0, device, penalty):
-    """What progress.json and calib_log.json record of block l: its activation error before and
-    after, also relative to the target's mean square (SmolLM2 grows a huge hidden-state channel
-    at block 11), its weight error, time and peak memory, and the penalty's balance."""
+def block_errors(qblock, fp_block, Y, Xq_next, mse_before) -> dict:
+    """What progress.json and calib_log.json record of a block's errors: its activation error before
+    and after (mse_before: at the start), also relative to the target's mean square (SmolLM2 grows
+    a huge hidden-state channel at block 11), and its weight error."""
     sq_err = sq_ref = 0.0
     for i in range(0, len(Y), CHUNK):            # in chunks: no fp32 copy of all of (n, T, dim) on the device
         y = Y[i:i + CHUNK].float()
         sq_err += (Xq_next[i:i + CHUNK].float() - y).pow(2).sum().item()
         sq_ref += y.pow(2).sum().item()
     mse_after, target_ms = sq_err / Y.numel(), sq_ref / Y.numel()
-    log = {"block": l, "mse_before": mse_before, "mse_after": mse_after, "target_ms": target_ms,
-           "rel_before": mse_before / target_ms, "rel_after": mse_after / target_ms,
-           "weight_error": math.sqrt(sum(r["error"] ** 2 for r in weight_errors(qblock, fp_block))),
-           "retries": retries, "seconds": round(time.time() - t0, 2), "peak_gib": round(peak_memory_gib(device), 3)}
-    if penalty is not None:
-        log.update(penalty.report(l, dict(quant_linears(qblock)), mse_after))
-    return log
+    return {"mse_before": mse_before, "mse_after": mse_after, "target_ms": target_ms,
+            "rel_before": mse_before / target_ms, "rel_after": mse_after / target_ms,
+            "weight_error": math.sqrt(sum(r["error"] ** 2 for r in weight_errors(qblock, fp_block)))}
 
 
 def print_log(log, n_layers, prev_target_ms):
-    from tqdm import tqdm
     line = (f"block {log['block']:2d}/{n_layers}: mse {log['mse_before']:.4g} -> {log['mse_after']:.4g} "
             f"(rel {log['rel_before']:.3%} -> {log['rel_after']:.3%}), {log['seconds']:.1f} s, "
             f"peak {log['peak_gib']:.2f} GiB")
@@ -133,25 +125,19 @@ def print_log(log, n_layers, prev_target_ms):
     tqdm.write(line)
 
 
-# settings a method does not use, left out of what apiq.json records
+# the settings of calibration on data, which the data-free inits do not use
 DATA_SETTINGS = ("nsamples", "seqlen", "epochs", "batch_size", "seed", "lr_clip", "lr_lora", "wd", "aug_loss",
                  "dataset", "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty", "sal_ratio",
-                 "lr_schedule", "learn_rounding", "lr_round", "lora_init", "stop_after", "data_dir")
-UNUSED = {"rtn": ("rank", "lora_alpha", "loftq_iters"), "qlora": ("loftq_iters",), "loftq": ()}
+                 "lr_schedule", "learn_rounding", "lr_round", "lora_init", "stop_after", "data_dir", "quick", "long")
 
 
-def method_name(method: str) -> str:
-    """apiq-bw, apiq-lw, or the data-free init's name: what apiq.json and the default --out call it."""
-    return f"apiq-{method}" if method in ("bw", "lw") else method
-
-
-def made_by(cfg, **extra) -> dict:
-    """What apiq.json records of how the model was made: the settings this method uses."""
-    data_free = cfg.method in UNUSED
-    skip = set(UNUSED.get(cfg.method, ("loftq_iters",))) | (set(DATA_SETTINGS) | {"quick", "long"} if data_free
-                                                              else set())
-    settings = {k: v for k, v in vars(cfg).items() if k not in skip}
-    return {"method": method_name(cfg.method), "source": cfg.ckpt, "made_by": settings, **extra}
+def made_by(settings: dict, **extra) -> dict:
+    """What apiq.json records of how the model was made: the method, the checkpoint and the
+    settings (calibrate.py's, as a dict) that this method uses."""
+    method = METHODS[settings["method"]]
+    skip = set(method.unused) | (set(DATA_SETTINGS) if method.data_free else set())
+    return {"method": method.name, "source": settings["ckpt"],
+            "made_by": {k: v for k, v in settings.items() if k not in skip}, **extra}
 
 
 # ---- saliency.py: a directory of per-block alphas
@@ -162,7 +148,6 @@ def model_shape(args) -> dict:
 
 def save_saliency_block(out, l, block) -> dict:
     """Write block l's alphas ({linear name: alpha}) atomically; returns its stats for saliency.json."""
-    from safetensors.torch import save
     data = save({n: a.detach().cpu().contiguous() for n, a in block.items()})  # one block's bytes
     atomic_write(Path(out) / f"block_{l:03d}.safetensors", data)
     total = sum(a.double().sum().item() for a in block.values())
@@ -172,15 +157,8 @@ def save_saliency_block(out, l, block) -> dict:
             "linear_mean": {n: a.double().mean().item() for n, a in block.items()}}
 
 
-def save_saliency(out, alphas, meta):
-    """Write the block files, then saliency.json with `meta` and per-block stats (atomically)."""
-    stats = [save_saliency_block(out, l, block) for l, block in enumerate(alphas)]
-    write_json(Path(out) / "saliency.json", {"format": SALIENCY_FORMAT, **meta, "blocks": stats})
-
-
 def load_block_saliency(path, l) -> dict:
     """{linear name: alpha (out, in) fp32} of block l."""
-    from safetensors.torch import load_file
     f = Path(path) / f"block_{l:03d}.safetensors"
     if not f.exists():
         raise FileNotFoundError(f"{f} does not exist: an unfinished or foreign saliency directory")
@@ -189,7 +167,6 @@ def load_block_saliency(path, l) -> dict:
 
 def check_saliency(path, model) -> dict:
     """The saliency.json of `path`, after checking that it was computed for this model's shape."""
-    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not (path / "saliency.json").exists():
         raise FileNotFoundError(f"--saliency {path}: no saliency.json there (not a saliency directory, or "
@@ -217,24 +194,6 @@ def check_saliency(path, model) -> dict:
             if shapes.get(name) != shape:
                 raise ValueError(f"--saliency {path}: {f.name} {name} has shape {shapes.get(name)}, the model's "
                                  f"layers.{l}.{name} has {shape}")
-    return meta
-
-
-def saliency_meta(cfg, model, losses, seconds, world, rss_loaded, device) -> dict:
-    """What saliency.json records besides the per-block stats: model, data, time, memory."""
-    from cli import DTYPES, rss_gib
-    params = {id(p): p for p in model.parameters()}.values()                  # tied embeddings once
-    n_alpha = sum(m.weight.numel() for layer in model.layers for m in (layer.get_submodule(n) for n in LINEARS))
-    meta = {"ckpt": cfg.ckpt, "model": model_shape(model.args), "dataset": cfg.dataset, "nsamples": cfg.nsamples,
-            "seqlen": cfg.seqlen, "seed": cfg.seed, "dtype": cfg.dtype, "alpha_dtype": cfg.alpha_dtype,
-            "streamed": cfg.stream, "processes": world,
-            "seconds": round(seconds, 1), "seconds_per_sequence": round(seconds * world / cfg.nsamples, 2),
-            "mean_loss": sum(losses) / len(losses),
-            "model_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
-            "alpha_gib": n_alpha * DTYPES[cfg.alpha_dtype].itemsize / 2**30,
-            "rss_after_load_gib": round(rss_loaded, 3), "peak_rss_gib": round(rss_gib(peak=True), 3)}
-    if device.type == "cuda":
-        meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return meta
 
 

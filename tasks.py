@@ -35,6 +35,7 @@ import json
 import re
 from typing import NamedTuple
 
+from cli import ArgumentParser, run
 from data import data_root, hub_dataset
 
 TASKS = ("winogrande", "hellaswag", "arc_challenge", "arc_easy", "piqa")  # Table 1's order
@@ -142,9 +143,6 @@ def load_task(name, data_dir=None) -> list[Item]:
 
 
 if __name__ == "__main__":
-
-    from cli import ArgumentParser, run
-
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None, help="local data directory (../shared/data layout)")
 

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import calibrate  # noqa: E402
-from llama import LINEARS, ModelArgs, Transformer, load  # noqa: E402
+from checkpoints import load  # noqa: E402
+from llama import LINEARS, ModelArgs, Transformer  # noqa: E402
 
 GIB = 2 ** 30
 LLAMA2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}
@@ -71,7 +72,7 @@ def calib_steps(l, fp, X, Y, freqs, steps, hook=lambda k: None):
         return ok
     calibrate.train = timed
     try:  # X^q = X and Y2 = Y, as calibrate.main has them for block 0
-        calibrate.calibrate_block(l, fp, X, X, Y, Y, freqs, calibrate.make_config(**CALIB, epochs=steps), "cpu")
+        calibrate.calibrate_block(l, fp, calibrate.Acts(X, X, Y, Y), freqs, calibrate.make_config(**CALIB, epochs=steps))
     finally:
         calibrate.train = orig
     return [b - a for a, b in zip(stamps, stamps[1:])]

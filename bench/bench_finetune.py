@@ -62,10 +62,10 @@ def probe(T, head):
 
     import torch
 
+    from checkpoints import load
     from cli import peak_memory_gib, reset_peak_memory
     from data import train_windows
     from finetune import lm_loss
-    from llama import load
     from qmodel import quantize_model
     torch.set_num_threads(1)
     fp, tok = load("smollm2-135m")
@@ -94,8 +94,8 @@ def peak_step_bytes(T, head=True):
 def main(a):
     import torch
 
+    from checkpoints import load
     from data import train_windows
-    from llama import load
     from lora import LoraLinear, adapters, swap_linears
     from qmodel import quantize_model
     torch.set_num_threads(a.threads)

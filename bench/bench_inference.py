@@ -31,7 +31,7 @@ CHILD = r"""
 import ctypes, gc, json, sys
 import torch
 sys.path.insert(0, sys.argv[3])
-import llama, lora, qmodel
+import checkpoints, lora, qmodel
 torch.set_num_threads(1)
 
 def rss():
@@ -43,7 +43,7 @@ what, path = sys.argv[1], sys.argv[2]
 
 def load():
     if what == "fp16":
-        return llama.load("smollm2-135m", dtype=torch.float16)[0]
+        return checkpoints.load("smollm2-135m", dtype=torch.float16)[0]
     return qmodel.load(path, dtype=torch.float16, cache=(what == "cached"))[0]
 
 fresh = rss()
@@ -90,9 +90,9 @@ def prefix_recompute(model, ids, n):
 def main(a):
     import torch
 
+    from checkpoints import load
     from data import ppl_windows, token_stream
     from evaluate import generate, perplexity
-    from llama import load
     from qmodel import load as load_q
     from qmodel import quantize_model, save_quantized
     torch.set_num_threads(a.threads)

@@ -131,7 +131,7 @@ def to_hf(model):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import llama
+    import checkpoints
     a = model.args
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
@@ -139,14 +139,14 @@ def to_hf(model):
                       tie_word_embeddings=model.output.weight is model.tok_embeddings.weight)
     if a.use_scaled_rope:
         raise ValueError("to_hf: Llama-3.1 RoPE scaling is not mapped (SmolLM2 does not use it)")
-    to_hf_name = {ours: theirs for theirs, ours in llama.HF_NAMES.items()}
+    to_hf_name = {ours: theirs for theirs, ours in checkpoints.HF_NAMES.items()}
     sd = {}
     for name, w in model.state_dict().items():
         if name.endswith("attention.wq.weight"):
-            w = llama.hf_permute(w, a.n_heads)
+            w = checkpoints.hf_permute(w, a.n_heads)
         elif name.endswith("attention.wk.weight"):
-            w = llama.hf_permute(w, a.n_kv_heads)
-        sd[llama.rename(name, to_hf_name)] = w.detach().float()
+            w = checkpoints.hf_permute(w, a.n_kv_heads)
+        sd[checkpoints.rename(name, to_hf_name)] = w.detach().float()
     hf = LlamaForCausalLM(cfg)                    # random init, then overwritten (~135M weights: seconds)
     hf.load_state_dict(sd)                        # the tied head: lm_head.weight is our output.weight
     if cfg.tie_word_embeddings:
@@ -164,22 +164,22 @@ def hf_tokenizer():
     """transformers' tokenizer of the embedded GGUF (AutoRound and GPTQModel want one)."""
     from transformers import AutoTokenizer
 
-    import llama
-    gguf = llama.embedded_gguf()
+    import checkpoints
+    gguf = checkpoints.embedded_gguf()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def hf_to_ours(name: str, w, args):
     """transformers linear `model.layers.L.self_attn.q_proj` and its weight (out, in) -> our name
     `layers.L.attention.wq` and weight (q/k rows un-permuted); None for a module that is not one."""
-    import llama
-    ours = llama.rename(name + ".weight", llama.HF_NAMES)
+    import checkpoints
+    ours = checkpoints.rename(name + ".weight", checkpoints.HF_NAMES)
     if ours is None or not ours.startswith("layers."):
         return None, None
     if ours.endswith("attention.wq.weight"):
-        w = llama.hf_unpermute(w, args.n_heads)
+        w = checkpoints.hf_unpermute(w, args.n_heads)
     elif ours.endswith("attention.wk.weight"):
-        w = llama.hf_unpermute(w, args.n_kv_heads)
+        w = checkpoints.hf_unpermute(w, args.n_kv_heads)
     return ours.removesuffix(".weight"), w
 
 
@@ -451,9 +451,9 @@ def main(a):
 
     import torch
 
+    from checkpoints import load
     from cli import check_writable, write_json
     from data import ppl_windows
-    from llama import load
     from qmodel import load as load_quantized
     torch.set_num_threads(a.threads)
     check_writable(a.out)

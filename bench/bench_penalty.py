@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import calibrate  # noqa: E402
 import fastpath  # noqa: E402
+from checkpoints import load  # noqa: E402
 from data import calib_windows  # noqa: E402
-from llama import load  # noqa: E402
 from saliency import compute_saliency, make_penalty  # noqa: E402
 
 torch.set_num_threads(1)
@@ -46,21 +46,23 @@ with torch.no_grad():
 fp = model.layers[0]
 Y = calibrate.run_block(fp, X, freqs, "cpu")
 base = dict(bits=2, group_size=64, rank=64, epochs=2, quick=QUICK, seqlen=T)  # the rest: the paper's or --quick's
-merges = fastpath.merges
+merges = fastpath.FastQuantLinear.merges
 res = {"plain": [], "after": [], "after (separate LoRA path)": [], "before": []}
 for r in range(ROUNDS + 1):  # round 0 is warm-up
     for k in res:
         variant = k.split()[0]
-        a = calibrate.make_config(**base, saliency=None if k == "plain" else SAL,
+        a = calibrate.make_config(**base, saliency=None if k == "plain" else SAL, fast=True,
                                   sal_variant="after" if k == "plain" else variant)
         pen = None if k == "plain" else make_penalty(model, a.saliency, a.sal_lambda, a.sal_multiplier, a.sal_variant)
-        # "after" forms W_eff = Q(W) + s B A once a step (fastpath.merged_weight); the separate row is
-        # the step before that: the forward's LoRA path, and the penalty's own B A
-        fastpath.merges = (lambda penalty, q: False) if "separate" in k else merges
+        # --fast: "after" forms W_eff = Q(W) + s B A once a step (FastQuantLinear.merges); the separate
+        # row is the step before that: the forward's LoRA path, and the penalty's own B A
+        fastpath.FastQuantLinear.merges = (lambda *args: False) if "separate" in k else merges
         t = time.perf_counter()
-        calibrate.calibrate_block(0, fp, X, X, Y, Y if a.aug_loss else None, freqs, a, "cpu", pen)
+        acts = calibrate.Acts(X, X, Y, Y if a.aug_loss else None)
+        calibrate.calibrate_block(0, fp, acts, freqs, a, calibrate.start_block(fp, 0, a, pen))
         if r:
             res[k].append((time.perf_counter() - t) / (a.epochs * len(X)))
+fastpath.FastQuantLinear.merges = merges
 p = statistics.median(res["plain"])
 print("\n| seqlen | penalty | s/step (median) | ratio to none |\n|---|---|---|---|")
 for k, v in res.items():

@@ -4,7 +4,7 @@
 
 1. Tokens/s of scoring WikiText-2 test windows (fp32, seqlen 2048): our llama.py through
    evaluate.window_nll against transformers' LlamaForCausalLM holding the SAME weights (our state
-   dict renamed by llama.HF_NAMES, q/k rows permuted back into HF's sliced-rotary layout) and
+   dict renamed by checkpoints.HF_NAMES, q/k rows permuted back into HF's sliced-rotary layout) and
    used as its users do, `hf(x, labels=x).loss` under no_grad. Both must give the same NLL on a
    window (|diff| < 1e-4) before anything is timed. The implementations alternate window by
    window (A B A B ...), one warm-up window each is discarded, and the MEDIAN is reported, with
@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import llama  # noqa: E402
+import checkpoints  # noqa: E402
 from data import ppl_windows  # noqa: E402
 from evaluate import window_nll  # noqa: E402
 
@@ -37,10 +37,10 @@ from evaluate import window_nll  # noqa: E402
 LOAD_PROBE = f"""
 import json, resource, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-import torch, llama
+import torch, checkpoints
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 base, t = rss(), time.perf_counter()
-model, tok = llama.load("smollm2-135m")
+model, tok = checkpoints.load("smollm2-135m")
 secs = time.perf_counter() - t
 nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
 print(json.dumps(dict(load_s=secs, peak_rss_mib=rss(), base_rss_mib=base, param_mib=nbytes / 2 ** 20)))
@@ -64,7 +64,7 @@ def hf_twin(model, attn=None):
     if attn:
         hf.set_attn_implementation(attn)
     ours, sd = model.state_dict(), {}
-    for hf_key, key in llama.HF_NAMES.items():
+    for hf_key, key in checkpoints.HF_NAMES.items():
         for i in range(a.n_layers) if "{}" in key else [0]:
             w = ours[key.format(i)]
             if key.endswith(("wq.weight", "wk.weight")):  # Meta adjacent-pair RoPE rows -> HF half-split rows
@@ -86,7 +86,7 @@ def main(a):
         torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
     probe = load_probe()
-    model, tok = llama.load("smollm2-135m")
+    model, tok = checkpoints.load("smollm2-135m")
     windows = ppl_windows("wikitext2", tok, a.seqlen)[: a.windows + 1]
     if len(windows) < a.windows + 1:
         raise ValueError(f"only {len(windows)} WikiText-2 windows of {a.seqlen} tokens")
@@ -101,7 +101,7 @@ def main(a):
     for name, v in nlls0.items():
         assert abs(v - nlls0["ours fp32"]) < 1e-4, f"{name} NLL {v:.6f} != ours {nlls0['ours fp32']:.6f}"
     if not a.no_bf16:
-        model_bf16, _ = llama.load("smollm2-135m", dtype=torch.bfloat16)
+        model_bf16, _ = checkpoints.load("smollm2-135m", dtype=torch.bfloat16)
         runners["ours bf16 (separate)"] = lambda x: window_nll(model_bf16, x)
 
     secs, nll = {name: [] for name in runners}, {name: [] for name in runners}

@@ -6,11 +6,11 @@ SVD start of A and B, rank 64, batch 1; --seqlen (default 256, --quick's until i
 1. Q(W) of the block's 7 linears, forward + backward (dL/dW_hat given): milliseconds, both ways.
 2. One calibration step (bench_calibrate's timing: one loss_fn call to the next, forward, backward,
    AdamW) of the --quick recipe and of the plain step (the paper's start, no learned rounding):
-   before (the reference quantizer, torch's per-tensor AdamW), FakeQuant eager and compiled
-   (fastpath.compile_quantizer), both with the fused AdamW (calibrate.FUSED_ADAMW) (the compile itself,
-   in the first round, is not timed: the first step of each call is dropped), and compiled with the
-   LoRA path kept in every linear (fastpath.merges off: the code before W_eff was merged where it
-   saves flops); rounds interleaved, medians. MFU as in bench_calibrate.py: model FLOPs
+   the plain formulas (quant.fake_quant, torch's per-tensor AdamW, the LoRA path), --fast
+   (fastpath.accelerate: FakeQuant eager, fused AdamW, W_eff merged where it saves flops) and
+   --compile (FakeQuant compiled; the compile itself, in the first round, is not timed: the first
+   step of each call is dropped), and compiled with the LoRA path kept in every linear
+   (FastQuantLinear.merges off); rounds interleaved, medians. MFU as in bench_calibrate.py: model FLOPs
    (6 N T + 12 T^2 dim, T = batch x seqlen tokens) / step time / the rate of a block-shaped fp32
    matmul (batch x seqlen rows).
 
@@ -28,15 +28,18 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_calibrate as bc  # noqa: E402
 
-import calibrate  # noqa: E402
 import fastpath  # noqa: E402  (bench_calibrate put the repository on sys.path)
-from llama import LINEARS, load  # noqa: E402
+from checkpoints import load  # noqa: E402
+from llama import LINEARS  # noqa: E402
 from lora import QuantLinear  # noqa: E402
 
 
-def quantizer_ms(block, reps=20):
-    """ms of Q(W) forward + backward for the block's 7 linears, as QuantLinear.qweight() computes it."""
+def quantizer_ms(block, fast=False, compile=False, reps=20):
+    """ms of Q(W) forward + backward for the block's 7 linears, as QuantLinear.qweight() computes it
+    (fast: accelerated, FakeQuant)."""
     qls = [QuantLinear.from_linear(block.get_submodule(n), 2, 64, 64, learn_rounding=True) for n in LINEARS]
+    if fast:
+        qls = [fastpath.accelerate(m, compile=compile).module for m in qls]
     ups = [torch.randn(m.out_features, m.in_features) for m in qls]
     for m in qls:
         m.offset.data.uniform_(-0.3, 0.3)                                   # mid-calibration offsets
@@ -77,25 +80,23 @@ def main():
     plain = dict(quick=True, learn_rounding=False, lora_init="standard")   # the paper's start, same settings else
     rows = {k: [] for k in ("q_ref", "q_fused", "q_compiled", "quick_ref", "quick_fused", "quick_compiled",
                             "plain_ref", "plain_fused", "plain_compiled", "quick_unmerged", "plain_unmerged", "gemm")}
-    merges = fastpath.merges
+    merges = fastpath.FastQuantLinear.merges
     for r in range(a.rounds):
-        fastpath.FUSED_QUANT, calibrate.FUSED_ADAMW = False, False         # the code before: both off
-        rows["q_ref"].append(quantizer_ms(fp))
-        rows["quick_ref"].append(step_seconds(fp, X, Y, freqs, a.steps, **quick))
-        rows["plain_ref"].append(step_seconds(fp, X, Y, freqs, a.steps, **plain))
-        fastpath.FUSED_QUANT, calibrate.FUSED_ADAMW = True, True
-        rows["q_fused"].append(quantizer_ms(fp))
-        rows["quick_fused"].append(step_seconds(fp, X, Y, freqs, a.steps, **quick))
-        rows["plain_fused"].append(step_seconds(fp, X, Y, freqs, a.steps, **plain))
-        fastpath.compile_quantizer(True)
-        rows["q_compiled"].append(quantizer_ms(fp))
-        rows["quick_compiled"].append(step_seconds(fp, X, Y, freqs, a.steps, **quick))
-        rows["plain_compiled"].append(step_seconds(fp, X, Y, freqs, a.steps, **plain))
-        fastpath.merges = lambda *args: False                              # the LoRA path in every linear
-        rows["quick_unmerged"].append(step_seconds(fp, X, Y, freqs, a.steps, **quick))
-        rows["plain_unmerged"].append(step_seconds(fp, X, Y, freqs, a.steps, **plain))
-        fastpath.merges = merges
-        fastpath.compile_quantizer(False)
+        rows["q_ref"].append(quantizer_ms(fp))                             # the plain formulas
+        rows["quick_ref"].append(step_seconds(fp, X, Y, freqs, a.steps, **quick, compile=False))
+        rows["plain_ref"].append(step_seconds(fp, X, Y, freqs, a.steps, **plain, compile=False))
+        rows["q_fused"].append(quantizer_ms(fp, fast=True))                # --fast
+        rows["quick_fused"].append(step_seconds(fp, X, Y, freqs, a.steps, **quick, compile=False, fast=True))
+        rows["plain_fused"].append(step_seconds(fp, X, Y, freqs, a.steps, **plain, compile=False, fast=True))
+        rows["q_compiled"].append(quantizer_ms(fp, fast=True, compile=True))   # --compile
+        rows["quick_compiled"].append(step_seconds(fp, X, Y, freqs, a.steps, **quick, compile=True))
+        rows["plain_compiled"].append(step_seconds(fp, X, Y, freqs, a.steps, **plain, compile=True))
+        fastpath.FastQuantLinear.merges = lambda *args: False              # the LoRA path in every linear
+        try:
+            rows["quick_unmerged"].append(step_seconds(fp, X, Y, freqs, a.steps, **quick, compile=True))
+            rows["plain_unmerged"].append(step_seconds(fp, X, Y, freqs, a.steps, **plain, compile=True))
+        finally:
+            fastpath.FastQuantLinear.merges = merges
         rows["gemm"].append(bc.matmul_flops(a.batch * T, dim, 1536))
         print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in rows.items()), file=sys.stderr)
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -104,9 +105,9 @@ def main():
           f"medians of {a.rounds} interleaved rounds; block-shaped matmul {gemm / 1e9:.1f} GFLOP/s")
     mfu = {k: f"{100 * flops / med[k] / gemm:.0f}%" for k in med if "_" in k and not k.startswith("q_")}
     ways = ("ref", "fused", "unmerged", "compiled")
-    bc.table(["what", "before: quant.fake_quant, AdamW foreach", "FakeQuant eager, AdamW fused",
+    bc.table(["what", "plain: quant.fake_quant, AdamW per tensor", "--fast: FakeQuant eager, AdamW fused",
               "FakeQuant compiled, AdamW fused, LoRA path everywhere", "the same, W_eff merged where it saves flops",
-              "before / last"], [
+              "plain / last"], [
         ["Q(W) of 7 linears, fwd + bwd (ms)", f"{med['q_ref']:.1f}", f"{med['q_fused']:.1f}", f"{med['q_compiled']:.1f}",
          f"{med['q_compiled']:.1f}", f"{med['q_ref'] / med['q_compiled']:.2f}x"],
         ["--quick step (s)", *(f"{med['quick_' + k]:.3f}" for k in ways),

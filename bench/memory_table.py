@@ -85,7 +85,7 @@ def measure(dim, learn_rounding):
     Y = calibrate.run_block(block, X, freqs, "cpu")
     base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 2**20
     reset_peak_memory("cpu")
-    calibrate.calibrate_block(0, block, X, X, Y, None, freqs, cfg, torch.device("cpu"))
+    calibrate.calibrate_block(0, block, calibrate.Acts(X, X, Y, None), freqs, cfg)
     print(f"width {dim}: {n / 1e6:.1f}M weights; calibrating the block grew resident memory by "
           f"{(peak_memory_gib('cpu') - base) * GIB / n:.1f} bytes a weight (learned rounding: {learn_rounding})")
 

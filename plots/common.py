@@ -10,18 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import qmodel  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402,F401  (the scripts take plt from here)
 
-METHODS = {  # file prefix -> label, in the paper's order
-    "rtn": "RTN",
-    "qlora": "QLoRA",
-    "loftq": "LoftQ",
-    "apiq-lw": "ApiQ-lw",
-    "apiq-bw": "ApiQ-bw",
+# file prefix -> label, in the paper's order: calibrate.py's methods (qmodel.METHODS), then the
+# saliency penalty's two variants (results.sh names their files so)
+METHODS = {m.name: m.label for m in qmodel.METHODS.values()} | {
     "apiq-bw-sal-after": "ApiQ-bw + saliency (AfterLoRA)",
     "apiq-bw-sal-before": "ApiQ-bw + saliency (BeforeLoRA)",
 }

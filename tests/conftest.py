@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2`: two workers share the two cores, so each runs torch on one thread, and so do
+    # the scripts the tests start (they inherit OMP_NUM_THREADS; most also get --threads 1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -37,9 +43,50 @@ def quantize_tiny(ckpt, out, method, bits):
 
 
 def missing(why):
+    """Skip for a missing package or data, except under CI=true: there it is a failure."""
     if IN_CI:
         pytest.fail(f"CI=true but {why}")
     pytest.skip(why)
+
+
+def need(*modules):
+    """Import each module (a test-only reference: transformers, peft, tokenizers...) and return the
+    last, or missing(): a skip outside CI, a failure under CI=true. Use it instead of
+    pytest.importorskip."""
+    import importlib
+    got = None
+    for name in modules:
+        try:
+            got = importlib.import_module(name)
+        except ImportError as e:
+            missing(f"{name} is not installed ({e}): setup.sh installs it")
+    return got
+
+
+SKIPS_FOR_MISSING = ("could not import", "not installed")     # pytest.importorskip's words, and the tests' own
+
+
+def _missing_piece_skipped(report):
+    return IN_CI and report.skipped and any(w in str(report.longrepr) for w in SKIPS_FOR_MISSING)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip for a missing package is a failure, also where a test still calls
+    pytest.importorskip or pytest.skip itself instead of need() / missing()."""
+    report = yield
+    if _missing_piece_skipped(report):
+        report.outcome = "failed"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped at import (a module-level pytest.importorskip)."""
+    report = yield
+    if _missing_piece_skipped(report):
+        report.outcome = "failed"
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +99,7 @@ def data_dir():
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    from llama import embedded_gguf
+    from checkpoints import embedded_gguf
     try:
         return embedded_gguf()
     except FileNotFoundError as e:
@@ -62,7 +109,7 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
     """(model, tok) of the real SmolLM2-135M in fp32, loaded once per test session."""
-    from llama import load
+    from checkpoints import load
     torch.manual_seed(0)
     return load(str(smollm2_gguf))
 

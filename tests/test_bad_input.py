@@ -78,6 +78,12 @@ CASES = [
      "already holds a finished model", "{qlora}"),
     ("cal-bits-9", ["calibrate.py", "--ckpt", "{tiny}", "--method", "rtn", "--bits", "9", "--out", "{w}/o19"],
      "bits must be an integer in 1..8", None),
+    ("cal-bits-0", ["calibrate.py", "--ckpt", "{tiny}", "--method", "rtn", "--bits", "0", "--out", "{w}/o22"],
+     "bits must be an integer in 1..8", None),
+    ("cal-more-windows-than-text", ["calibrate.py", "--ckpt", "{tiny}", *CAL, "--nsamples", "100000", "--seqlen", "64",
+                                    "--out", "{w}/o23"], "lower --nsamples or --seqlen", None),
+    ("cal-out-unwritable", ["calibrate.py", "--ckpt", "{tiny}", "--method", "rtn", "--out", "/proc/apiq-cannot-write"],
+     "cannot write", None),
     ("cal-group-not-dividing", ["calibrate.py", "--ckpt", "{tiny}", "--method", "rtn", "--group-size", "48", "--out",
                                 "{w}/o20"], "does not divide", None),
     ("cal-lw-rank-0", ["calibrate.py", "--ckpt", "{tiny}", "--method", "lw", "--rank", "0", "--out", "{w}/o21"],
@@ -101,7 +107,9 @@ CASES = [
                                                "--threads", "1", "--out", "{w}/s6"],
      "fewer than the 2 torchrun processes", None),
     # finetune.py
-    ("ft-fp-without-fp-lora", ["finetune.py", "--ckpt", "{tiny}", *FT, "--out", "{w}/f1"], "is full precision", None),
+    ("ft-fp-without-fp-lora", ["finetune.py", "--ckpt", "{tiny}", *FT, "--out", "{w}/f1"],
+     "is full precision: calibrate it first", None),
+    ("ft-empty-dir-as-ckpt", ["finetune.py", "--ckpt", "{empty}", *FT, "--out", "{w}/f9"], "not a checkpoint", None),
     ("ft-unfinished-calibration", ["finetune.py", "--ckpt", "{unfinished_cal}", *FT, "--out", "{w}/f2"],
      "unfinished calibration", "{unfinished_cal}"),
     ("ft-rtn-no-adapter", ["finetune.py", "--ckpt", "{rtn}", *FT, "--out", "{w}/f3"], "has no LoRA adapter", "{rtn}"),
@@ -123,6 +131,12 @@ CASES = [
                                    "--out", "{w}/f7"], "--rank 100 is above", None),
     ("ft-negative-lr", ["finetune.py", "--ckpt", "{qlora}", *FT, "--lr", "-1", "--out", "{w}/f8"],
      "--lr must be positive", None),
+    ("ft-zero-lr", ["finetune.py", "--ckpt", "{qlora}", *FT, "--lr", "0", "--out", "{w}/f10"], "--lr must be positive",
+     None),
+    ("ft-text-shorter-than-a-window", ["finetune.py", "--ckpt", "{qlora}", *FT, "--data", "{short_txt}", "--out",
+                                      "{w}/f11"], "fewer than one window", "{short_txt}"),
+    ("ft-out-unwritable", ["finetune.py", "--ckpt", "{qlora}", *FT, "--out", "/proc/apiq-cannot-write"], "cannot write",
+     None),
     # export.py
     ("export-fp-checkpoint", ["export.py", "{tiny}", "{w}/e1"], "not a quantized model", "{tiny}"),
     ("export-unfinished-calibration", ["export.py", "{unfinished_cal}", "{w}/e2"], "unfinished calibration",
@@ -137,7 +151,19 @@ CASES = [
     # evaluate.py
     ("eval-missing-ckpt", ["evaluate.py", "--ckpt", "{w}/nope"], "not found", None),
     ("eval-zero-limit", ["evaluate.py", "--ckpt", "{tiny}", "--limit", "0"], "must be positive", None),
-    ("eval-unknown-task", ["evaluate.py", "--ckpt", "{tiny}", "--ppl", "", "--tasks", "mmlu"], "mmlu", None),
+    ("eval-unknown-task", ["evaluate.py", "--ckpt", "{tiny}", "--ppl", "", "--tasks", "arc_easy,boolq"],
+     "unknown task 'boolq'", None),
+    ("eval-unknown-dataset", ["evaluate.py", "--ckpt", "{tiny}", "--ppl", "wikitext3"], "unknown dataset 'wikitext3'",
+     None),
+    ("eval-missing-data-dir", ["evaluate.py", "--ckpt", "{tiny}", "--seqlen", "64", "--data-dir", "{w}/nodata"],
+     "does not exist", None),
+    ("eval-dir-not-a-checkpoint", ["evaluate.py", "--ckpt", "{empty}", "--ppl", ""], "not a checkpoint", None),
+    ("eval-unfinished-calibration", ["evaluate.py", "--ckpt", "{unfinished_cal}", "--ppl", ""],
+     "unfinished calibration", "{unfinished_cal}"),
+    ("eval-truncated-model", ["evaluate.py", "--ckpt", "{truncated_model}", "--ppl", ""], "truncated or corrupt",
+     "{truncated_model}"),
+    ("eval-model-of-another-shape", ["evaluate.py", "--ckpt", "{other_shape}", "--ppl", ""], "made for another model",
+     "{other_shape}"),
     ("eval-seqlen-beyond-model", ["evaluate.py", "--ckpt", "{tiny}", "--seqlen", "100000"], "beyond the model", None),
     ("eval-cuda-without-cuda", ["evaluate.py", "--ckpt", "{tiny}", "--device", "cuda"], "sees no CUDA GPU", None),
     ("eval-unfinished-finetuning", ["evaluate.py", "--ckpt", "{unfinished_ft}", "--ppl", ""], "unfinished finetuning",
@@ -189,6 +215,13 @@ def world(tiny_ckpt, tmp_path_factory):
     p["truncated_model"] = w / "truncated-qlora"
     shutil.copytree(p["qlora"], p["truncated_model"])
     truncate(p["truncated_model"] / "model.safetensors")
+    p["other_shape"] = w / "other-shape"                    # the tensors of this model under a wider one's config
+    shutil.copytree(p["qlora"], p["other_shape"])
+    cfg = json.loads((p["other_shape"] / "apiq.json").read_text())
+    cfg["model_args"]["hidden_dim"] = 1024
+    (p["other_shape"] / "apiq.json").write_text(json.dumps(cfg))
+    p["short_txt"] = w / "short.txt"
+    p["short_txt"].write_text("too short")
     p["corrupt_progress"] = w / "corrupt-progress"
     shutil.copytree(p["unfinished_cal"], p["corrupt_progress"])
     (p["corrupt_progress"] / "progress.json").write_text('{"settings": {"bits"')
@@ -249,6 +282,7 @@ def test_bad_input_is_one_line(results, world, name, argv, words, keep):
                 and Path(line.split('"')[1]).parent == ROOT]
         assert len(errors) == 2 and len(set(errors)) == 1 and not ours, r.stderr[-3000:]
     else:
+        assert r.returncode == 2, (r.returncode, r.stderr[-2000:])     # cli.run's and argparse's code for bad input
         assert "Traceback" not in r.stderr, r.stderr[-3000:]
         assert len(errors) == 1, r.stderr[-3000:]
     assert words.format(**world) in errors[0], errors

@@ -26,8 +26,9 @@ def linear_inputs(model):
 
 
 def test_saliency_in_bf16_accumulates_fp32_alpha_close_to_fp32(tiny_ckpt):
+    from checkpoints import load
     from data import calib_windows
-    from llama import LINEARS, load
+    from llama import LINEARS
     from saliency import Saliency, compute_saliency
     from scaleout import streamed_saliency
     _, tok = load(str(tiny_ckpt))
@@ -41,6 +42,11 @@ def test_saliency_in_bf16_accumulates_fp32_alpha_close_to_fp32(tiny_ckpt):
     host, _ = load(str(tiny_ckpt), dtype=None)                                    # --stream: host model as stored
     streamed16 = Saliency(*streamed_saliency(host, windows, "cpu", dtype=torch.bfloat16))
     assert next(host.parameters()).dtype == torch.float32                         # the host copy is untouched
+    # bf16 keeps 8 significant bits: each rounding is off by <= u = 2^-8 relative. A weight's gradient
+    # passes ~8 bf16 roundings of activations per block forward and again backward; as independent
+    # errors they add up to sqrt(n) u, and alpha = sum g^2 doubles a gradient's relative error
+    n_roundings = 2 * 8 * host.args.n_layers
+    bound = 2 * n_roundings**0.5 * 2**-8                                          # 4 blocks: 0.0625
     for run in (whole16, streamed16):
         assert run.losses == pytest.approx(fp32.losses, rel=2e-2)
         for l, block in enumerate(run.alphas):
@@ -48,7 +54,7 @@ def test_saliency_in_bf16_accumulates_fp32_alpha_close_to_fp32(tiny_ckpt):
                 a, ref = block[n], fp32.alphas[l][n]
                 assert a.dtype == torch.float32
                 rel = ((a - ref).norm() / ref.norm()).item()
-                assert rel < 0.05, (l, n, rel)                                    # measured: <= 0.011
+                assert rel < bound, (l, n, rel, bound)
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +115,29 @@ def test_evaluate_in_bf16_runs_in_bf16_near_fp32(tiny_ckpt, tiny_loftq):
         assert got == pytest.approx(ref, rel=2e-2), (ckpt, cache)
 
 
-def test_evaluate_cli_accepts_bf16_on_cpu(tiny_loftq):
+def test_evaluate_cli_accepts_bf16_on_cpu(tiny_loftq, tmp_path):
+    """The command line in bf16, packed: its perplexity is the in-process bf16 one to the last bit (the
+    same computation on one thread) and the fp32 one, written out here, to bf16 accuracy."""
+    import json
+    import math
+
+    import torch.nn.functional as F
+    from data import ppl_windows
+    from evaluate import perplexity
+    from qmodel import load
     r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tiny_loftq), "--dtype", "bf16", "--packed",
-                        "--limit", "1", "--seqlen", "128", "--threads", "1"], cwd=ROOT, capture_output=True, text=True)
+                        "--ppl", "wikitext2", "--limit", "1", "--seqlen", "128", "--threads", "1", "--json",
+                        str(tmp_path / "r.json")],
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "wikitext2" in r.stdout
+    got = json.loads((tmp_path / "r.json").read_text())["ppl"]
+    model16, tok = load(str(tiny_loftq), dtype=torch.bfloat16, cache=False)
+    w = ppl_windows("wikitext2", tok, 128)[:1]                                  # (1, 128)
+    assert list(got) == ["wikitext2"] and got["wikitext2"] == perplexity(model16, w)
+    with torch.no_grad():
+        logits = load(str(tiny_loftq))[0](w)                                     # fp32, (1, 128, vocab)
+    fp32 = math.exp(F.cross_entropy(logits[0, :-1].double(), w[0, 1:]).item())
+    assert got["wikitext2"] == pytest.approx(fp32, rel=2e-2)                     # as in the test above
 
 
 def test_default_dtype_follows_the_device_and_a_missing_gpu_is_one_line(tiny_ckpt):

@@ -1,16 +1,12 @@
 """evaluate.py and data.py: the GPTQ perplexity protocol on real WikiText-2 and SmolLM2-135M."""
+import math
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from data import calib_windows, ppl_windows, token_stream, train_windows, wikitext2_rows
 from evaluate import perplexity, window_nll
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wikitext_rows_are_huggingface_rows(data_dir):
@@ -53,16 +49,17 @@ def test_chunked_nll_equals_full_cross_entropy(smollm2):
     assert torch.allclose(window_nll(model, x, chunk=128), full, atol=1e-5)
 
 
-def test_smollm2_wikitext_perplexity_is_sane(smollm2, data_dir):
-    """Two 2048-token windows of WikiText-2 test: a 135M model sits around 15-25 here."""
+# The same window scored by an independent implementation: transformers dequantizes the same GGUF
+# itself and runs its own Llama (transformers 5.25.0, torch 2.13.0, CPU, fp32 logits, NLL in float64):
+#   ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+#   math.exp(F.cross_entropy(ref(w).logits[0, :-1].double(), w[0, 1:]))   # w: window 0 below
+HF_PPL_WINDOW_0 = 15.146778
+
+
+def test_smollm2_wikitext_perplexity_equals_transformers(smollm2, data_dir):
+    """Window 0 (2048 tokens) of WikiText-2 test by the GPTQ protocol. Our logits are within 1e-3 of
+    transformers' (tests/test_llama.py), and a token's NLL -log softmax(z)_t moves by at most
+    2 max|dz|, so log ppl is within 2e-3 of the reference's."""
     model, tok = smollm2
-    ppl = perplexity(model, ppl_windows("wikitext2", tok, 2048, data_dir)[:2])
-    assert 8 < ppl < 40, ppl
-
-
-def test_bad_evaluation_input_one_line():
-    for args, words in [(["--ppl", "wikitext3"], "unknown dataset 'wikitext3'"),
-                        (["--ppl", "wikitext2", "--seqlen", "9000"], "beyond the model's context"),
-                        (["--ppl", "wikitext2", "--data-dir", "/nonexistent"], "does not exist")]:
-        r = subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True)
-        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    ppl = perplexity(model, ppl_windows("wikitext2", tok, 2048, data_dir)[:1])
+    assert abs(math.log(ppl) - math.log(HF_PPL_WINDOW_0)) <= 2e-3, ppl

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import need
+
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+need("transformers")
+peft = need("peft")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_transformers_and_peft_give_our_logits(tiny_loftq, tmp_path):
     assert (without - want).abs().max().item() > 1e-2
     merged, none = export.export(tiny_loftq, tmp_path / "merged", merge=True)
     assert none is None and (hf_logits(merged, None, x) - want).abs().max().item() <= 1e-4
-    from llama import load as load_fp                                             # our loader reads it too
+    from checkpoints import load as load_fp                                       # our loader reads it too
     mine, _ = load_fp(str(merged))
     with torch.no_grad():
         assert (mine(x) - want).abs().max().item() <= 1e-4

@@ -5,8 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fastpath
-from fastpath import step_weights, use_qweights
 from lora import QuantLinear, init_linear, loftq_init, lora_init, qlora_init, quant_linears, swap_linears
 from quant import dequantize, fake_quant, rtn, unpack
 
@@ -72,49 +70,6 @@ def test_freeze_stores_codes_and_keeps_the_output():
     m.drop_cache()                              # from the packed codes in every forward: the same
     assert m.q_cache is None and torch.equal(m(x), before)
     assert m.weight is not None                 # .weight is still W, the full-precision weight
-
-
-def test_use_qweights_hands_the_step_q_to_the_forward():
-    torch.manual_seed(0)
-    m = QuantLinear.from_linear(nn.Linear(128, 32, bias=False), bits=2, group_size=64, rank=8)
-    x = torch.randn(3, 128)
-    q = torch.randn(32, 128, requires_grad=True)
-    with use_qweights([m], [q]):
-        y = m(x)
-    torch.testing.assert_close(y, x @ q.T)
-    y.sum().backward()
-    assert q.grad is not None and m.q_cache is None    # the graph reaches q; nothing is left behind
-
-
-def test_merged_step_where_it_saves_flops_equals_the_lora_path():
-    """With no penalty a step merges W_eff = Q(W) + s B A of a linear exactly when T (in + out) >
-    in out: same output and gradients (clipping, offsets, A, B) as the separate LoRA path."""
-    torch.manual_seed(0)
-    ms = [QuantLinear.from_linear(nn.Linear(n_in, out, bias=False), bits=2, group_size=64, rank=8,
-                                  learn_rounding=True) for n_in, out in ((128, 32), (128, 512))]
-    for m in ms:
-        with torch.no_grad():
-            m.B.normal_(0, 0.1)                        # B != 0: the LoRA path matters
-            m.offset.uniform_(-0.3, 0.3)
-    params = [p for m in ms for p in m.clip_parameters() + m.round_parameters() + m.lora_parameters()]
-    x = torch.randn(2, 24, 128)                        # T = 48 tokens: 48 * 160 > 128 * 32, 48 * 640 < 128 * 512
-    u = [torch.randn(2, 24, m.out_features) for m in ms]
-
-    def step():
-        qs, merged = step_weights(ms, None, x.shape[:-1].numel())
-        with use_qweights(ms, qs, merged):
-            loss = sum((m(x) * v).sum() for m, v in zip(ms, u))
-        return merged, loss, torch.autograd.grad(loss, params)
-    merged, loss, grads = step()
-    assert merged == [True, False]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fastpath, "merges", lambda *a: False)
-        none, loss0, grads0 = step()
-    assert none == [False, False]
-    torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-4)
-    for a, b in zip(grads, grads0):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert not fastpath.merges(None, ms[0], ms[0].qweight().bfloat16(), 10**6)   # never in bf16
 
 
 def test_export_restores_the_quantized_weight_bit_for_bit():
@@ -215,25 +170,3 @@ def test_loftq_on_a_real_smollm2_layer(smollm2):
     qlora_error = qlora_init(w, 2, 64, 64).errors[0]
     errors = loftq_init(w, 2, 64, 64, 16, iters=5).errors
     assert errors[-1] < errors[0] < qlora_error
-
-
-def test_packed_training_keeps_codes_not_a_dequantized_weight():
-    """A packed QuantLinear (no cached Q(W)) training its adapters: autograd saves no (out, in)
-    tensor (PackedMatmul dequantizes again in the backward), and dL/dx, dL/dA, dL/dB are those of
-    the same layer with Q(W) cached."""
-    torch.manual_seed(0)
-    packed = init_linear(nn.Linear(128, 96, bias=False), "loftq", 2, 32, 8, loftq_iters=1)
-    cached = init_linear(nn.Linear(128, 96, bias=False), "loftq", 2, 32, 8, loftq_iters=1)
-    cached.load_state_dict(packed.state_dict())
-    cached.cache_qweight()
-    x = torch.randn(4, 128, requires_grad=True)
-    sizes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.shape) or t, lambda t: t):
-        y = packed(x)
-    assert torch.Size([96, 128]) not in sizes and torch.Size([128, 96]) not in sizes, sizes
-    y.square().sum().backward()
-    grads = (x.grad.clone(), packed.A.grad, packed.B.grad)
-    x.grad = None
-    cached(x).square().sum().backward()
-    for got, want in zip(grads, (x.grad, cached.A.grad, cached.B.grad)):
-        assert torch.equal(got, want)

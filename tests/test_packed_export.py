@@ -5,7 +5,7 @@ Independent readings of the packing: a pure-Python unpacker written from GPTQ's 
 stream per column, 32-bit little-endian words); gptqmodel's own TorchLinear as transformers +
 optimum load it, with peft's GPTQ LoRA wrapper on top (test-only references; skipped where they are
 not installed, a failure in CI where setup.sh installs them); the gguf package's Q4_1 dequantizer
-(through llama.load, which reads GGUF files with it)."""
+(through checkpoints.load, which reads GGUF files with it)."""
 import copy
 import subprocess
 import sys
@@ -177,13 +177,14 @@ def test_gptq_bits_it_cannot_hold_and_a_zero_out_of_range(tiny_ckpt, tiny_rtn, t
 
 
 def test_gguf_q4_1_and_lora(smollm2, tmp_path):
-    """4-bit SmolLM2 to GGUF: gguf-py's own Q4_1 dequantizer (llama.load reads GGUF with it) gives
+    """4-bit SmolLM2 to GGUF: gguf-py's own Q4_1 dequantizer (checkpoints.load reads GGUF with it) gives
     apiq's Q(W) up to the fp16 rounding of d = step and m = -step zero; the LoRA file has what
     llama.cpp checks (general.type adapter, adapter.type lora, alpha, A (r, in) and B (out, r) named
     after the base tensor), and the tokenizer survives."""
-    import export
     from gguf import GGUFReader
-    from llama import load as load_fp
+
+    import export
+    from checkpoints import load as load_fp
     from lora import quant_linears
     from qmodel import quantize_model, save_quantized
     fp, tok = smollm2

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoints import load
 from evaluate import activation_errors
-from llama import load
 from lora import weight_errors
 from qmodel import quantize_model
 from quant import rtn

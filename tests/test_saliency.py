@@ -10,9 +10,9 @@ from torch.func import functional_call, grad
 import calibrate
 from llama import ModelArgs, Transformer
 from llama import LINEARS
+from cli import write_json
 from lora import quant_linears
-import fastpath
-from runs import check_saliency, load_block_saliency, model_shape, save_saliency
+from runs import SALIENCY_FORMAT, check_saliency, load_block_saliency, model_shape, save_saliency_block
 from saliency import Saliency, SaliencyPenalty, compute_saliency, make_penalty
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96)
@@ -37,9 +37,8 @@ def penalty_of(a, model):
 
 
 def step_penalty(pen, qb, l):
-    """The penalty as bw_objective computes it: on the step's Q(W) of every linear."""
-    linears = dict(quant_linears(qb))
-    return pen(l, linears, [m.qweight() for m in linears.values()])
+    """The penalty as bw_objective adds it: over every linear of the block."""
+    return pen(l, dict(quant_linears(qb)))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,9 @@ def tiny_saliency(tmp_path_factory):
     tokens = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
     sal = compute_saliency(model, tokens, "cpu")
     out = tmp_path_factory.mktemp("sal")
-    save_saliency(out, sal.alphas, {"ckpt": "tiny", "model": model_shape(model.args)})
+    stats = [save_saliency_block(out, l, block) for l, block in enumerate(sal.alphas)]   # as saliency.py writes it
+    write_json(out / "saliency.json", {"format": SALIENCY_FORMAT, "ckpt": "tiny", "model": model_shape(model.args),
+                                       "blocks": stats})
     return model, out, sal, tokens
 
 
@@ -103,58 +104,6 @@ def test_penalty_gradient_reaches_what_the_variant_says(tiny_saliency, variant):
         assert all(g is None or torch.equal(g, torch.zeros_like(g)) for g in g_lora)
 
 
-@pytest.mark.parametrize("variant,weighted", [("after", True), ("before", True), ("after", False)])
-def test_written_out_gradients_equal_autograd(variant, weighted):
-    """WeightedDistance's hand-written backward against autograd through the plain formula."""
-    from fastpath import WeightedDistance
-    g = torch.Generator().manual_seed(3)
-    w, alpha = torch.randn(48, 32, generator=g), torch.rand(48, 32, generator=g) if weighted else None
-    q, B, A = (torch.randn(*s, generator=g).requires_grad_() for s in ((48, 32), (48, 8), (8, 32)))
-    lora = (B, A, 0.7) if variant == "after" else (None, None, 0.0)
-    got = WeightedDistance.apply(w, q, alpha, *lora)
-    w_eff = q + 0.7 * B @ A if variant == "after" else q
-    want = ((1 if alpha is None else alpha) * (w - w_eff) ** 2).sum()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-    params = [q, B, A] if variant == "after" else [q]
-    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):                     # inside a bf16 context: still fp32
-        torch.testing.assert_close(WeightedDistance.apply(w, q, alpha, *lora), got, rtol=1e-6, atol=0)
-
-
-@pytest.mark.parametrize("objective", ["bw", "lw"])
-def test_merged_w_eff_step_equals_the_separate_lora_path(tiny_saliency, monkeypatch, objective):
-    """With the AfterLoRA penalty a step forms W_eff = Q(W) + s B A once (fastpath.merged_weight) for
-    the forward and the penalty: loss and every gradient as with the separate LoRA path."""
-    model, out, _, _ = tiny_saliency
-    qb = quant_block(model)
-    linears = dict(quant_linears(qb))
-    params = [p for m in linears.values() for p in m.clip_parameters() + m.lora_parameters()]
-    torch.manual_seed(4)
-    xq = torch.randn(2, 16, 64)                                                # (B, T, dim)
-    freqs = model.freqs_cis(16, "cpu")
-    y = calibrate.run_block(model.layers[0], xq, freqs, "cpu")
-    pen = SaliencyPenalty(out, 1e3, 1.0, "after")
-    name, lin = next(iter(linears.items()))
-
-    def step():
-        if objective == "bw":
-            loss, _ = calibrate.bw_objective(qb, xq, y, freqs, None, pen, 0)
-        else:
-            loss, _ = calibrate.lw_objective(name, lin, xq, xq, lin.weight, pen, 0)
-        return loss, torch.autograd.grad(loss, params, allow_unused=True)
-
-    assert fastpath.merges(pen, lin, lin.qweight(), 1) and not fastpath.merges(pen, lin, lin.qweight().bfloat16(), 1)
-    merged = step()
-    monkeypatch.setattr(fastpath, "merges", lambda *a: False)
-    separate = step()
-    torch.testing.assert_close(merged[0], separate[0], rtol=1e-5, atol=0)
-    used = [(a, b) for a, b in zip(merged[1], separate[1]) if b is not None]
-    assert len(used) >= (2 if objective == "lw" else len(params)) and all(a is not None for a, _ in used)
-    for a, b in used:
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
 def test_lambda_l_is_lambda_times_multiplier_to_the_l(tiny_saliency):
     model, out, _, _ = tiny_saliency
     qb = quant_block(model)
@@ -183,7 +132,8 @@ def test_lambda_zero_is_plain_apiq_bw_bit_for_bit(tiny_saliency):
     Y = calibrate.run_block(fp, X, freqs, "cpu")
 
     def trained(a):
-        qb, _ = calibrate.calibrate_block(0, fp, X, X, Y, Y, freqs, a, "cpu", penalty_of(a, model))
+        start = calibrate.start_block(fp, 0, a, penalty_of(a, model))
+        qb, _ = calibrate.calibrate_block(0, fp, calibrate.Acts(X, X, Y, Y), freqs, a, start)
         return {k: v for k, v in qb.state_dict().items()}
 
     assert penalty_of(args(saliency=str(out), sal_lambda=0.0), model) is None

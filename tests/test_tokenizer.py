@@ -2,6 +2,7 @@
 Hugging Face `tokenizers` pipelines built straight from the same vocabularies."""
 import pytest
 
+from conftest import need
 from tokenizer import GGUFTokenizer, Llama3Tokenizer, SentencePieceTokenizer
 
 TEXT = "Hello world, this is a test."
@@ -69,8 +70,7 @@ def test_llama3_known_ids_and_special_tokens(llama3):
 
 @pytest.fixture(scope="module")
 def llama3_ref(data_dir):
-    pytest.importorskip("tokenizers")
-    conv = pytest.importorskip("transformers.convert_slow_tokenizer")
+    conv = need("tokenizers", "transformers.convert_slow_tokenizer")
     # No special tokens added: Meta's encode treats special-token text as plain text.
     return conv.TikTokenConverter(vocab_file=str(data_dir / "tokenizers" / "llama3" / "tokenizer.model")).converted()
 
@@ -98,7 +98,7 @@ def test_llama3_chunks_long_runs_like_meta(llama3, llama3_ref):
 
 @pytest.fixture(scope="module")
 def smol_ref(reader):
-    tk = pytest.importorskip("tokenizers")
+    tk = need("tokenizers")
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     f = reader.fields
     tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()

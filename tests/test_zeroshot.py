@@ -1,9 +1,6 @@
 """tasks.py and evaluate.zero_shot: the five Table-1 tasks from the real files, lm-eval's scoring on a
 bigram stub whose log-likelihoods are known in closed form, and on the real SmolLM2-135M."""
 import math
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +9,6 @@ import torch.nn.functional as F
 
 from evaluate import loglikelihoods, zero_shot
 from tasks import TASKS, Item, load_task
-
-ROOT = Path(__file__).resolve().parents[1]
 
 FIRST = {  # count, first context (or contexts), first continuations, gold
     "arc_easy": (2376, "Question: Which statement best explains why photosynthesis is the foundation of most "
@@ -175,9 +170,3 @@ def test_batched_loglikelihoods_equal_a_direct_forward(smollm2):
     for bs in (1, 4):
         got = loglikelihoods(model, tok, reqs, batch_size=bs)
         assert all(math.isclose(g, w, rel_tol=2e-5, abs_tol=1e-4) for g, w in zip(got, want)), (bs, got, want)
-
-
-def test_unknown_task_fails_with_one_line():
-    r = subprocess.run([sys.executable, "evaluate.py", "--ppl", "", "--tasks", "arc_easy,boolq"], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "unknown task 'boolq'" in r.stderr and "Traceback" not in r.stderr, r.stderr
