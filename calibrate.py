@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fastpath
-from cli import (DEFAULT_DEVICE, DTYPES, default_dtype, arg, as_flags, check_device, check_writable, parse_config, peak_memory_gib,
-                 reset_peak_memory, result_settings, run, write_json)
+from cli import (DEFAULT_DEVICE, DTYPES, arg, as_flags, check_device, check_writable, default_dtype, parse_config,
+                 peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
 from data import calib_windows
 from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears
@@ -396,4 +396,5 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     run(lambda: main(parse_config(Config, "Quantize a Llama checkpoint with ApiQ (block-wise, resumable) or one of "
-                                  "the data-free inits it is compared with.", sys.argv[1:], make_config)))
+                                  "the data-free inits it is compared with.", sys.argv[1:], make_config)),
+        resume="the same command continues from the last finished block")

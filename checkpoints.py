@@ -78,11 +78,18 @@ def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def load_pth(f: Path) -> dict:
     """A Meta consolidated.*.pth, memory-mapped; a corrupt or legacy-format (non-zip) file is
-    one clear error naming it."""
+    one clear error naming it. Told apart by the first bytes: torch.save's zip archive starts with
+    "PK\\x03\\x04", the legacy format with a pickle's protocol byte 0x80; anything else is not a
+    PyTorch checkpoint at all."""
     try:
         return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        legacy = "zipfile" in str(e) or "mmap" in str(e)
+        with open(f, "rb") as fh:
+            head = fh.read(4)
+        if head[:1] != b"\x80" and head != b"PK\x03\x04":
+            raise ValueError(f"{f}: not a PyTorch checkpoint (it starts with {head!r}, neither a zip archive nor a "
+                             f"pickle): replace it with the checkpoint's real file") from None
+        legacy = head[:1] == b"\x80"
         raise ValueError(f"{f}: " + ("a legacy-format (non-zip) checkpoint: re-save it once with torch.save(torch.load("
                                      "f), f) to load it memory-mapped" if legacy else
                                      f"not a readable PyTorch checkpoint (truncated or corrupt: {str(e)[:80]})")) from None

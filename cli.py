@@ -1,24 +1,30 @@
 """What every script shares: one-line errors for bad input, Ctrl-C, atomic writes, the dtype
 names, peak memory, and run configs as dataclasses turned into argparse flags.
 
-A script wraps its main in `run(main, ...)`: a ValueError / FileNotFoundError / PermissionError
-(how this project reports bad input) prints as one line `error: ...` and exits 2; Ctrl-C exits
-130. Set APIQ_DEBUG=1 to see the full traceback instead. Every result file is written with
-`atomic_write` (temp file + rename), so a crash never leaves a half-written file that looks
-complete.
+A script wraps its main in `run(main, ..., resume=...)`: a ValueError / FileNotFoundError /
+PermissionError (how this project reports bad input) prints as one line `error: ...` and exits 2;
+a full disk prints one line naming the file and exits 1; Ctrl-C exits 130 and SIGTERM (what SLURM
+and Kubernetes send before they kill) 143 (128 + 15), each with one line saying how the same
+command continues (`resume`). Set APIQ_DEBUG=1 to see the full traceback instead. Every result
+file is written with `atomic_write` (temp file + rename), so a crash, a signal or a full disk never
+leaves a half-written file that looks complete.
 
     python -c "import cli; cli.atomic_write('/tmp/x.txt', 'hello')"
 """
 import argparse
+import errno
 import json
 import os
 import resource
+import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import field, fields
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 # bad input, and a calibration whose loss diverged twice: a clear line, not a traceback
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
@@ -48,18 +54,71 @@ def check_device(device, dtype=None):
                          f"give --dtype fp32")
 
 
-def run(main, *args):
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the program is, like KeyboardInterrupt for Ctrl-C (atomic writes
+    make every point safe to stop at), and not an Exception, so nothing catches it on the way."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+class DiskFull(Exception):
+    """A write failed because the filesystem is full (or the quota is used up)."""
+
+    def __init__(self, path, cause):
+        super().__init__(f"the disk is full: could not write {path} ({cause})")
+        self.path = path
+
+
+def out_of_space(e, directory=None) -> bool:
+    """Whether exception `e`, raised while writing into `directory`, means the disk is full. The
+    errors arrive as OSError (errno ENOSPC / EDQUOT), safetensors' SafetensorError ("No space left on
+    device (os error 28)"), and torch.save's RuntimeError, which says only "unexpected pos" or "file
+    write failed": for that one the filesystem is asked whether it has room left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(w in str(e) for w in ("No space left on device", "os error 28", "Disk quota exceeded")):
+        return True
+    if isinstance(e, RuntimeError) and directory is not None:
+        try:
+            return shutil.disk_usage(directory).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
+def run(main, *args, resume="the same command runs it again"):
+    """main(*args) with the project's endings: bad input, a full disk, Ctrl-C and SIGTERM each as one
+    line on stderr and an exit code. resume: how the same command continues after an interruption
+    (e.g. "the same command continues from the last finished block")."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(*args)
-    except USER_ERRORS as e:
+    except Exception as e:
         if os.environ.get("APIQ_DEBUG"):
             raise
-        sys.stderr.write(f"error: {e}\n")      # one write: torchrun's ranks share the stream
-        sys.stderr.flush()
-        sys.exit(2)
+        if not isinstance(e, DiskFull) and out_of_space(e):              # a write outside atomic_write
+            e = DiskFull(getattr(e, "filename", None) or "a file", str(e).splitlines()[0])
+        if isinstance(e, DiskFull):
+            fail(f"error: {e}; nothing half-written was left: free some space, then {resume}", 1)
+        if isinstance(e, USER_ERRORS):
+            fail(f"error: {e}", 2)
+        raise
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        fail(f"\ninterrupted (Ctrl-C): {resume}", 130)
+    except Terminated:
+        fail(f"\nterminated (SIGTERM): {resume}", 143)
+
+
+def fail(line, code):
+    """Close the progress bars (so that the line starts a line of its own), one write (torchrun's ranks
+    share the stream), then exit with `code`."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    sys.exit(code)
 
 
 # ---- files
@@ -68,11 +127,13 @@ def atomic_write(path, data):
     """Write `data` to `path` through a temp file in the same directory and os.replace.
     data: str, bytes, or a function that writes the file whose path it is given (e.g.
     `lambda tmp: safetensors.torch.save_file(tensors, tmp)`). The file gets the usual
-    permissions (umask), not mkstemp's 0600."""
+    permissions (umask), not mkstemp's 0600. Whatever goes wrong, the temp file is removed and
+    `path` is the old file or none; a full disk is raised as DiskFull naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         if callable(data):
             os.close(fd)
             data(tmp)
@@ -85,8 +146,12 @@ def atomic_write(path, data):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        full = isinstance(e, Exception) and out_of_space(e, path.parent if path.parent.exists() else None)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise DiskFull(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         raise
 
 

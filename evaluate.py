@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import DEFAULT_DEVICE, DTYPES, default_dtype, arg, check_device, parse_config, run, write_json
+from cli import DEFAULT_DEVICE, DTYPES, arg, check_device, default_dtype, parse_config, run, write_json
 from data import DATASETS, ppl_windows
 from llama import KVCache, check_seqlen
 from lora import is_quantized, weight_errors
@@ -310,7 +310,10 @@ def main(cfg: Config):
     datasets = parse_list(cfg.ppl, DATASETS, "dataset") if cfg.ppl else []
     tasks = parse_list(cfg.tasks, TASKS + ("all",), "task") if cfg.tasks else []
     tasks = list(TASKS) if "all" in tasks else tasks
-    if cfg.seqlen <= 0 or any(n is not None and n <= 0 for n in (cfg.limit, cfg.task_limit)) or cfg.error_windows <= 0:
+    if cfg.seqlen < 2:
+        raise ValueError(f"--seqlen {cfg.seqlen}: a perplexity window needs at least 2 tokens (one to predict the "
+                         f"next from)")
+    if any(n is not None and n <= 0 for n in (cfg.limit, cfg.task_limit)) or cfg.error_windows <= 0:
         raise ValueError("--seqlen, --limit, --task-limit and --error-windows must be positive")
     if cfg.skip < 0:
         raise ValueError("--skip must be 0 or more")

@@ -292,7 +292,7 @@ def write_export(src, out, model, tok, dtype, merge, final, fmt="hf") -> bool:
         write_json(out / "adapter" / "adapter_config.json", config)
     # how the model was made, for the record (not named apiq.json: the export is a Hugging Face
     # directory, and `--ckpt base/` must load it as one: checkpoints.load reads its config.json)
-    shutil.copyfile(Path(src) / "apiq.json", base / "apiq_source.json")
+    atomic_write(base / "apiq_source.json", lambda tmp: shutil.copyfile(Path(src) / "apiq.json", tmp))
     config = hf_config(model.args, tied, tok, dtype)
     if fmt == "gptq":
         config["quantization_config"] = gptq_config(model)

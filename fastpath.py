@@ -30,7 +30,8 @@ rounding, fused AdamW within its kernel's rounding (tests/test_fastpath.py;
 bench/bit_identity.py holds whole runs to the code before this became one call;
 bench/bench_quantizer.py times them).
 
-    python -c "import fastpath, lora, torch; print(fastpath.accelerate(lora.QuantLinear.from_linear(torch.nn.Linear(64, 8), rank=4)).module)"
+    python -c "import fastpath, lora, torch; print(fastpath.accelerate(lora.QuantLinear.from_linear(
+        torch.nn.Linear(64, 8), rank=4)).module)"
 """
 from functools import cache, partial
 from typing import NamedTuple, Optional

@@ -33,14 +33,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import fastpath
-from cli import (DEFAULT_DEVICE, DTYPES, default_dtype, arg, as_flags, atomic_write, check_device, check_writable, parse_config,
-                 peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
+from cli import (DEFAULT_DEVICE, DTYPES, arg, as_flags, atomic_write, check_device, check_writable, default_dtype,
+                 parse_config, peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
 from data import ppl_windows, train_windows
 from evaluate import perplexity
 from llama import check_seqlen
@@ -238,6 +237,9 @@ def check_config(cfg):
     positive = ("seqlen", "epochs", "batch_size", "grad_accum", "save_every", "eval_seqlen", "rank")
     if bad := [f"--{k.replace('_', '-')}" for k in positive if getattr(cfg, k) <= 0]:
         raise ValueError(f"{', '.join(bad)} must be positive")
+    if min(cfg.seqlen, cfg.eval_seqlen) < 2:
+        raise ValueError(f"--seqlen {cfg.seqlen} / --eval-seqlen {cfg.eval_seqlen}: a window needs at least 2 tokens "
+                         f"(one to predict the next from)")
     if any(n is not None and n <= 0 for n in (cfg.max_steps, cfg.eval_limit)) or cfg.lr <= 0 or cfg.wd < 0:
         raise ValueError("--max-steps, --eval-limit and --lr must be positive, --wd >= 0")
     if finetune_dir(cfg).resolve() == Path(cfg.ckpt).resolve():
@@ -282,4 +284,5 @@ def main(cfg: Config):
 if __name__ == "__main__":
     run(lambda: main(parse_config(Config, __doc__.split("\n")[0] + " Interrupted (Ctrl-C, a crash, kill -9)? The "
                                   "same command continues from the last checkpoint (--save-every), bit-identical on "
-                                  "CPU.", sys.argv[1:], build=make_config)))
+                                  "CPU.", sys.argv[1:], build=make_config)),
+        resume="the same command continues from the last checkpoint")

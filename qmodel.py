@@ -139,11 +139,11 @@ def linear_part(tensors, name) -> dict:
 
 def save_tokenizer(tok, out: Path):
     if isinstance(tok, GGUFTokenizer):
-        (out / "tokenizer.json").write_text(json.dumps(tok.spec))
+        atomic_write(out / "tokenizer.json", json.dumps(tok.spec))
     elif isinstance(tok, SentencePieceTokenizer):
-        (out / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+        atomic_write(out / "tokenizer.model", tok.sp.serialized_model_proto())
     elif isinstance(tok, Llama3Tokenizer):
-        shutil.copyfile(tok.path, out / "tokenizer.model")
+        atomic_write(out / "tokenizer.model", lambda tmp: shutil.copyfile(tok.path, tmp))
     else:
         raise ValueError(f"cannot save a tokenizer of type {type(tok).__name__}")
 

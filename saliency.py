@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (DEFAULT_DEVICE, DTYPES, default_dtype, arg, check_device, check_writable, parse_config, rss_gib, run,
-                 write_json)
+from cli import (DEFAULT_DEVICE, DTYPES, arg, check_device, check_writable, default_dtype, parse_config, rss_gib,
+                 run, write_json)
 from data import calib_windows
 from llama import LINEARS, check_seqlen
 from qmodel import load, require_fp

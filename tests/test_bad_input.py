@@ -36,6 +36,8 @@ CASES = [
      "not a readable GGUF file", "{garbage_gguf}"),
     ("cal-truncated-pth", ["calibrate.py", "--ckpt", "{truncated_pth}", "--method", "rtn", "--out", "{w}/o3"],
      "consolidated.00.pth", "{truncated_pth}"),
+    ("cal-garbage-pth", ["calibrate.py", "--ckpt", "{garbage_pth}", "--method", "rtn", "--out", "{w}/o3b"],
+     "consolidated.00.pth: not a PyTorch checkpoint (it starts with", "{garbage_pth}"),
     ("cal-unfinished-calib-as-ckpt", ["calibrate.py", "--ckpt", "{unfinished_cal}", "--method", "rtn", "--out", "{w}/o4"],
      "unfinished calibration", "{unfinished_cal}"),
     ("cal-unfinished-ft-as-ckpt", ["calibrate.py", "--ckpt", "{unfinished_ft}", "--method", "rtn", "--out", "{w}/o5"],
@@ -123,6 +125,8 @@ CASES = [
      "is the model being finetuned", "{qlora}"),
     ("ft-zero-seqlen", ["finetune.py", "--ckpt", "{qlora}", *FT, "--seqlen", "0", "--out", "{w}/f4"],
      "--seqlen must be positive", None),
+    ("ft-seqlen-one", ["finetune.py", "--ckpt", "{qlora}", *FT, "--seqlen", "1", "--out", "{w}/f11"],
+     "--seqlen 1 / --eval-seqlen 64: a window needs at least 2 tokens", None),
     ("ft-seqlen-beyond-model", ["finetune.py", "--ckpt", "{qlora}", *FT, "--seqlen", "100000", "--out", "{w}/f5"],
      "beyond the model's context", None),
     ("ft-missing-text", ["finetune.py", "--ckpt", "{qlora}", *FT, "--data", "{w}/none.txt", "--out", "{w}/f6"],
@@ -164,6 +168,8 @@ CASES = [
      "{truncated_model}"),
     ("eval-model-of-another-shape", ["evaluate.py", "--ckpt", "{other_shape}", "--ppl", ""], "made for another model",
      "{other_shape}"),
+    ("eval-seqlen-one", ["evaluate.py", "--ckpt", "{tiny}", "--ppl", "wikitext2", "--seqlen", "1", "--limit", "1"],
+     "--seqlen 1: a perplexity window needs at least 2 tokens", None),
     ("eval-seqlen-beyond-model", ["evaluate.py", "--ckpt", "{tiny}", "--seqlen", "100000"], "beyond the model", None),
     ("eval-cuda-without-cuda", ["evaluate.py", "--ckpt", "{tiny}", "--device", "cuda"], "sees no CUDA GPU", None),
     ("eval-unfinished-finetuning", ["evaluate.py", "--ckpt", "{unfinished_ft}", "--ppl", ""], "unfinished finetuning",
@@ -203,6 +209,9 @@ def world(tiny_ckpt, tmp_path_factory):
     p["truncated_pth"] = w / "truncated-tiny"
     shutil.copytree(tiny_ckpt, p["truncated_pth"], symlinks=True)
     truncate(p["truncated_pth"] / "consolidated.00.pth")
+    p["garbage_pth"] = w / "garbage-tiny"                   # a file that is simply not a checkpoint
+    shutil.copytree(tiny_ckpt, p["garbage_pth"], symlinks=True)
+    (p["garbage_pth"] / "consolidated.00.pth").write_bytes(b"\x00\x01garbage" + os.urandom(5000))
     p["qlora"], p["rtn"] = w / "qlora", w / "rtn"
     p["unfinished_cal"], p["saliency"] = w / "unfinished-cal", w / "saliency"
     with ThreadPoolExecutor(3) as pool:                     # the runs that need nothing but the checkpoint
