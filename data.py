@@ -19,7 +19,8 @@ import torch
 from cli import ArgumentParser, run
 from qmodel import load
 
-DATASETS = ("wikitext2", "c4")
+DATASETS = ("wikitext2", "c4")                           # the test sets (calibration: WikiText-2 train or C4)
+TUNING = "wikitext2-valid"     # the tuning set: WikiText-2 validation, windowed as the test set; no run trains on it
 WIKITEXT_FILES = {"train": ("wiki.train.raw", "wiki.train.head1018.raw"),
                   "validation": ("wiki.valid.raw",), "test": ("wiki.test.raw",)}
 
@@ -112,16 +113,18 @@ def random_doc_windows(tok, docs, n, seqlen, seed):
 
 def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
     """Evaluation windows (n, seqlen), docs/method.md §6: WikiText-2 test non-overlapping, tail dropped;
-    C4: 256 random windows, seed 0."""
-    if name == "wikitext2":
-        ids = token_stream(tok, "test", data_dir)
+    C4: 256 random windows, seed 0; the tuning set "wikitext2-valid": WikiText-2 validation, windowed
+    as the test split (choices are made on it; it reads no test file)."""
+    if name in ("wikitext2", TUNING):
+        split = "test" if name == "wikitext2" else "validation"
+        ids = token_stream(tok, split, data_dir)
         n = ids.numel() // seqlen
         if n == 0:
-            raise ValueError(f"WikiText-2 test has {ids.numel()} tokens, fewer than seqlen {seqlen}")
+            raise ValueError(f"WikiText-2 {split} has {ids.numel()} tokens, fewer than seqlen {seqlen}")
         return ids[: n * seqlen].view(n, seqlen)                              # (n, seqlen)
     if name == "c4":
         return random_doc_windows(tok, c4_docs(data_dir), 256, seqlen, seed=0)
-    raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS)}")
+    raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS + (TUNING,))}")
 
 
 def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", data_dir=None) -> torch.Tensor:

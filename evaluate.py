@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import DEFAULT_DEVICE, DTYPES, arg, check_device, default_dtype, parse_config, run, write_json
-from data import DATASETS, ppl_windows
+from data import DATASETS, TUNING, ppl_windows
 from llama import KVCache, check_seqlen
 from lora import is_quantized, weight_errors
 from qmodel import load
@@ -212,7 +212,8 @@ def activation_errors(model, ref, windows) -> list[dict]:
 class Config:
     """One run of evaluate.py. The defaults are the papers' protocol (2048-token windows)."""
     ckpt: str = arg("smollm2-135m", "full-precision checkpoint or quantized model directory (docs/usage.md, Checkpoints)")
-    ppl: str = arg("wikitext2,c4", "comma-separated perplexity datasets ('' for none)")
+    ppl: str = arg("wikitext2,c4", "comma-separated perplexity datasets ('' for none): the test sets wikitext2, c4; "
+                   "the tuning set wikitext2-valid (WikiText-2 validation, for choices)")
     seqlen: int = arg(2048, "perplexity window length in tokens")
     tasks: str = arg("", f"comma-separated zero-shot tasks ({', '.join(TASKS)}) or 'all'")
     limit: Optional[int] = arg(None, "only the first N windows of each perplexity dataset", type=int)
@@ -307,7 +308,7 @@ def generations(model, tok, cfg) -> dict:
 
 def main(cfg: Config):
     t0 = time.time()
-    datasets = parse_list(cfg.ppl, DATASETS, "dataset") if cfg.ppl else []
+    datasets = parse_list(cfg.ppl, DATASETS + (TUNING,), "dataset") if cfg.ppl else []
     tasks = parse_list(cfg.tasks, TASKS + ("all",), "task") if cfg.tasks else []
     tasks = list(TASKS) if "all" in tasks else tasks
     if cfg.seqlen < 2:

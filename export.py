@@ -175,15 +175,16 @@ def rank_and_alpha(found: dict, what: str) -> tuple:
     return ranks.pop()
 
 
-def adapter_files(model, base_dir) -> tuple[dict, dict]:
-    """(adapter_config.json, adapter_model.safetensors tensors) in PEFT's LoRA format."""
+def adapter_files(model, base_dir, dtype=torch.float16) -> tuple[dict, dict]:
+    """(adapter_config.json, adapter_model.safetensors tensors) in PEFT's LoRA format, A and B in
+    `dtype` (fp16 by default: the adapter's bits that a bits-per-weight count charges)."""
     found = adapters(model)
     rank, alpha = rank_and_alpha(found, "PEFT export")
     tensors = {}
     for name, m in found.items():
         prefix = f"base_model.model.{hf_linear_name(name)}"
-        tensors[f"{prefix}.lora_A.weight"] = m.A.detach().float().contiguous()                       # (r, in)
-        tensors[f"{prefix}.lora_B.weight"] = to_hf_rows(name, m.B.detach().float(), model.args).contiguous()  # (out, r)
+        tensors[f"{prefix}.lora_A.weight"] = m.A.detach().to(dtype).contiguous()                        # (r, in)
+        tensors[f"{prefix}.lora_B.weight"] = to_hf_rows(name, m.B.detach(), model.args).to(dtype).contiguous()  # (out, r)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
               "target_modules": sorted({hf_linear_name(n).rsplit(".", 1)[1] for n in found}),
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
@@ -236,10 +237,11 @@ def write_tokenizer(tok, out: Path, max_len: int):
     write_json(out / "tokenizer_config.json", config)
 
 
-def export(src, out, dtype=None, merge=False, force=False, fmt="hf"):
+def export(src, out, dtype=None, merge=False, force=False, fmt="hf", adapter_dtype="fp16"):
     """Write the transformers base (and, unless merge, the PEFT adapter) of quantized directory
     `src` under `out`; fmt "hf" (dequantized, dtype default fp32), "gptq" (packed, the rest in
-    dtype fp16 or bf16, default fp16) or "gguf" (4-bit Q4_1, fp16). Returns (base dir, adapter dir
+    dtype fp16 or bf16, default fp16) or "gguf" (4-bit Q4_1, fp16); the adapter's A and B in
+    adapter_dtype (fp16, or fp32 as they were trained). Returns (base dir, adapter dir
     or None); for gguf (model.gguf, lora.gguf or None). Everything is written into a hidden
     sibling `.<out>.partial` that is renamed to `out` when complete: a crash, kill or Ctrl-C leaves
     no directory that looks like an export, and the same command starts it again."""
@@ -261,7 +263,8 @@ def export(src, out, dtype=None, merge=False, force=False, fmt="hf"):
     shutil.rmtree(partial, ignore_errors=True)                # what a killed export left
     try:
         check_writable(partial)                               # inside: a Ctrl-C right after its mkdir removes it too
-        has_adapter = write_export(src, partial, model, tok, dtype, merge, final=out, fmt=fmt)
+        has_adapter = write_export(src, partial, model, tok, dtype, merge, final=out, fmt=fmt,
+                                   adapter_dtype=DTYPES[adapter_dtype])
         if out.exists():
             shutil.rmtree(out)                                # empty, or --force
         os.replace(partial, out)
@@ -273,10 +276,10 @@ def export(src, out, dtype=None, merge=False, force=False, fmt="hf"):
     return (out if merge else out / "base"), (out / "adapter" if has_adapter else None)
 
 
-def write_export(src, out, model, tok, dtype, merge, final, fmt="hf") -> bool:
+def write_export(src, out, model, tok, dtype, merge, final, fmt="hf", adapter_dtype=torch.float16) -> bool:
     """The export's files under `out` (its final place: `final`); returns whether it has an adapter."""
     if fmt == "gguf":
-        return write_gguf(model, tok, out)
+        return write_gguf(model, tok, out, adapter_dtype)
     base = out if merge else out / "base"
     base.mkdir(parents=True, exist_ok=True)
     tensors = base_tensors(model, DTYPES[dtype], merge, fmt)
@@ -286,7 +289,7 @@ def write_export(src, out, model, tok, dtype, merge, final, fmt="hf") -> bool:
     write_json(base / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
     has_adapter = not merge and bool(adapters(model))
     if has_adapter:
-        config, lora = adapter_files(model, final / "base")
+        config, lora = adapter_files(model, final / "base", adapter_dtype)
         atomic_write(out / "adapter" / "adapter_model.safetensors",
                      lambda tmp: save_file(lora, tmp, metadata={"format": "pt"}))
         write_json(out / "adapter" / "adapter_config.json", config)
@@ -319,7 +322,7 @@ def q4_1_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return blocks.reshape(out, n_in // 32 * 20)                            # (out, blocks * 20 bytes)
 
 
-def write_gguf(model, tok, out: Path) -> bool:
+def write_gguf(model, tok, out: Path, adapter_dtype=torch.float16) -> bool:
     """OUT/model.gguf (the base, block linears in Q4_1) and, if the model has adapters,
     OUT/lora.gguf (llama.cpp's LoRA: lora_a = A (r, in), lora_b = B (out, r), adapter.lora.alpha).
     Rows stay in Meta's q/k order, which is GGUF's. Returns whether it wrote an adapter."""
@@ -364,8 +367,8 @@ def write_gguf(model, tok, out: Path) -> bool:
     w.add_float32("adapter.lora.alpha", float(alpha))                       # llama.cpp scales by alpha / r
     for name, m in found.items():
         base = rename(f"{name}.weight", TO_GGUF)
-        w.add_tensor(f"{base}.lora_a", m.A.detach().float().numpy())         # (r, in): ggml ne = [in, r]
-        w.add_tensor(f"{base}.lora_b", m.B.detach().float().numpy())         # (out, r): ggml ne = [r, out]
+        w.add_tensor(f"{base}.lora_a", m.A.detach().to(adapter_dtype).numpy())   # (r, in): ggml ne = [in, r]
+        w.add_tensor(f"{base}.lora_b", m.B.detach().to(adapter_dtype).numpy())   # (out, r): ggml ne = [r, out]
     write_gguf_file(w)
     return True
 
@@ -378,7 +381,7 @@ def write_gguf_file(w):
 
 
 def main(a):
-    base, adapter = export(a.src, a.out, a.dtype, a.merge, a.force, a.format)
+    base, adapter = export(a.src, a.out, a.dtype, a.merge, a.force, a.format, a.adapter_dtype)
     print(f"wrote {base}" + (f" and {adapter}" if adapter else ""))
 
 
@@ -392,6 +395,8 @@ if __name__ == "__main__":
                         "Q4_1 for llama.cpp (docs/export.md)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="dtype of the exported weights (default fp32; gptq, gguf: fp16, of all but the packed codes)")
+    p.add_argument("--adapter-dtype", choices=("fp16", "fp32"), default="fp16",
+                   help="dtype of the LoRA adapter's A and B (default fp16; fp32: as trained, twice the bits)")
     p.add_argument("--merge", action="store_true", help="fold s B A into the weights: one directory, no PEFT")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty export directory")
     run(main, p.parse_args())

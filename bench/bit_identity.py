@@ -64,9 +64,12 @@ RUNS = {
     "finetune": ("finetune.py", ["--ckpt", "{D}/calib-recipe", *FT, "--out", "{D}/ft"], ("plain",), ["ft"]),
     "finetune-packed": ("finetune.py", ["--ckpt", "{D}/calib-recipe", *FT, "--out", "{D}/ft-packed"], ("fast",),
                         ["ft-packed"]),
-    "export-gptq": ("export.py", ["{D}/calib-recipe", "{D}/gptq", "--format", "gptq"], ("plain",), ["gptq"]),
-    "export-hf": ("export.py", ["{D}/calib-recipe", "{D}/hf"], ("plain",), ["hf"]),
-    "export-gguf": ("export.py", ["{D}/loftq-w4", "{D}/gguf", "--format", "gguf"], ("plain",), ["gguf"]),
+    # the adapter in fp32, as the code before wrote it (fp16 is export.py's default since)
+    "export-gptq": ("export.py", ["{D}/calib-recipe", "{D}/gptq", "--format", "gptq", "--adapter-dtype", "fp32"],
+                    ("plain",), ["gptq"]),
+    "export-hf": ("export.py", ["{D}/calib-recipe", "{D}/hf", "--adapter-dtype", "fp32"], ("plain",), ["hf"]),
+    "export-gguf": ("export.py", ["{D}/loftq-w4", "{D}/gguf", "--format", "gguf", "--adapter-dtype", "fp32"],
+                    ("plain",), ["gguf"]),
 }
 FAST = {"calibrate.py": ["--fast"], "finetune.py": ["--packed"], "saliency.py": [], "export.py": []}
 # what the code before the swap ran for each path (the "fast" one was its default)

@@ -1,10 +1,15 @@
 """evaluate.py and data.py: the GPTQ perplexity protocol on real WikiText-2 and SmolLM2-135M."""
+import json
 import math
 import random
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from checkpoints import load
+from conftest import ROOT
 from data import calib_windows, ppl_windows, token_stream, train_windows, wikitext2_rows
 from evaluate import perplexity, window_nll
 
@@ -63,3 +68,24 @@ def test_smollm2_wikitext_perplexity_equals_transformers(smollm2, data_dir):
     model, tok = smollm2
     ppl = perplexity(model, ppl_windows("wikitext2", tok, 2048, data_dir)[:1])
     assert abs(math.log(ppl) - math.log(HF_PPL_WINDOW_0)) <= 2e-3, ppl
+
+
+def test_the_tuning_set_reads_no_test_file(tiny_ckpt, data_dir, tmp_path):
+    """--ppl wikitext2-valid (the tuning set) runs with wiki.test.raw absent, on WikiText-2
+    validation text windowed as the test split; the test set itself then says what is missing."""
+    d = tmp_path / "data" / "wikitext2_raw"
+    d.mkdir(parents=True)
+    for f in (data_dir / "wikitext2_raw").iterdir():
+        if f.name != "wiki.test.raw":
+            (d / f.name).symlink_to(f)
+    cmd = [sys.executable, "evaluate.py", "--ckpt", str(tiny_ckpt), "--seqlen", "64", "--limit", "2", "--threads", "1",
+           "--data-dir", str(tmp_path / "data"), "--json", str(tmp_path / "r.json"), "--ppl"]
+    r = subprocess.run(cmd + ["wikitext2-valid"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, tok = load(str(tiny_ckpt))
+    want = token_stream(tok, "validation", data_dir)[: 2 * 64].view(2, 64)      # the first two windows
+    got = ppl_windows("wikitext2-valid", tok, 64, tmp_path / "data")[:2]
+    assert torch.equal(got, want)
+    assert json.loads((tmp_path / "r.json").read_text())["ppl"]["wikitext2-valid"] > 1
+    r = subprocess.run(cmd + ["wikitext2"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "no WikiText-2 test file" in r.stderr, r.stderr[-2000:]

@@ -52,11 +52,16 @@ def test_transformers_and_peft_give_our_logits(tiny_loftq, tmp_path):
                                  bos=True)])                                    # (1, T)
     with torch.no_grad():
         want = ours(x)                                                           # (1, T, vocab)
-    base, adapter = export.export(tiny_loftq, tmp_path / "hf")
+    base, adapter = export.export(tiny_loftq, tmp_path / "hf", adapter_dtype="fp32")   # as trained
     got = hf_logits(base, adapter, x)
     assert (got - want).abs().max().item() <= 1e-4
     without = hf_logits(base, None, x)                                          # the adapter does matter
     assert (without - want).abs().max().item() > 1e-2
+    _, adapter16 = export.export(tiny_loftq, tmp_path / "hf16")        # the default: the adapter in fp16
+    from safetensors.torch import load_file
+    a32, a16 = (load_file(str(d / "adapter_model.safetensors")) for d in (adapter, adapter16))
+    assert a32.keys() == a16.keys() and all(a16[k].dtype == torch.float16 and torch.equal(a16[k], a32[k].half())
+                                            for k in a32)
     merged, none = export.export(tiny_loftq, tmp_path / "merged", merge=True)
     assert none is None and (hf_logits(merged, None, x) - want).abs().max().item() <= 1e-4
     from checkpoints import load as load_fp                                       # our loader reads it too
@@ -78,8 +83,8 @@ def test_smollm2_export_tokenizer_and_gqa_layout(smollm2, data_dir, tmp_path):
     fp, tok = smollm2
     q = quantize_model(copy.deepcopy(fp), "loftq", bits=2, rank=8, loftq_iters=1)
     save_quantized(q, tok, tmp_path / "q", {"method": "loftq", "source": "smollm2-135m"})
-    base, adapter = export.export(tmp_path / "q", tmp_path / "hf")
-    hf_tok = AutoTokenizer.from_pretrained(base)
+    base, adapter = export.export(tmp_path / "q", tmp_path / "hf", adapter_dtype="fp32")   # fp16 moves logits
+    hf_tok = AutoTokenizer.from_pretrained(base)                                # of ~40 by up to 0.4 here
     text = (data_dir / "wikitext2_raw" / "wiki.test.raw").read_text(encoding="utf-8")[:20000]
     assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True)              # 9/3-head GQA model, its BPE
     x = torch.tensor([tok.encode(text[:400], bos=True)])

@@ -209,7 +209,8 @@ def test_gguf_q4_1_and_lora(smollm2, tmp_path):
     m = q.layers[3].feed_forward.w2
     a, b = t["blk.3.ffn_down.weight.lora_a"], t["blk.3.ffn_down.weight.lora_b"]
     assert list(a.shape) == [m.in_features, m.rank] and list(b.shape) == [m.rank, m.out_features]  # ggml ne order
-    assert torch.equal(torch.from_numpy(b.data.copy()).reshape(m.out_features, m.rank), m.B.detach().float())
+    got = torch.from_numpy(b.data.copy()).reshape(m.out_features, m.rank)        # fp16 (export's --adapter-dtype)
+    assert got.dtype == torch.float16 and torch.equal(got, m.B.detach().half())
     assert len(t) == 2 * 7 * q.args.n_layers
 
 
@@ -221,3 +222,29 @@ def test_gguf_refuses_what_q4_1_cannot_hold(tiny_rtn, tmp_path):
     src = tiny_rtn(4)                                                           # 4 bits, but Llama-2's SentencePiece
     r = run_export(src, tmp_path / "out", "--format", "gguf")
     assert r.returncode == 2 and "SentencePieceTokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bits_per_weight_counts_every_stored_tensor(tiny_ckpt, tmp_path):
+    """bench/bits_per_weight.py on a tiny 2-bit g32 rank-8 GPTQ export equals the count written out
+    from the model's shapes: per linear (out, in) N out in (codes) + (in / g) out N (zero points) +
+    (in / g) out 16 (fp16 scales) + 32 in (g_idx) + 16 r (in + out) (the fp16 adapter)."""
+    import export
+    from lora import quant_linears
+    from qmodel import load
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bits_per_weight import bits_per_weight
+    src = quantize_tiny(tiny_ckpt, tmp_path / "q", "loftq", 2)
+    export.export(src, tmp_path / "gptq", fmt="gptq")
+    got = bits_per_weight(tmp_path / "gptq")
+    model, _ = load(src)
+    n = base = adapter = 0
+    for _, m in quant_linears(model):
+        o, i, g = m.out_features, m.in_features, m.group_size
+        n += o * i
+        base += 2 * o * i + (i // g) * o * 2 + (i // g) * o * 16 + 32 * i
+        adapter += 16 * m.rank * (i + o)
+    assert got["weights"] == n and got["bits"] == 2 and got["group_size"] == 32
+    assert got["base_bits_per_weight"] == base / n and got["adapter_bits_per_weight"] == adapter / n
+    assert got["bits_per_weight"] == (base + adapter) / n
+    export.export(src, tmp_path / "gptq32", fmt="gptq", adapter_dtype="fp32")           # twice the adapter's bits
+    assert bits_per_weight(tmp_path / "gptq32")["adapter_bits_per_weight"] == 2 * adapter / n
