@@ -187,7 +187,8 @@ def calibrate_block(l, fp_block, acts, freqs, cfg, start=None):
                 lin.freeze()
         if ok:
             return qblock, attempt
-        tqdm.write(f"block {l}: non-finite loss, retrying with learning rates x{lr_scale / 2}")
+        if attempt == 0:
+            tqdm.write(f"block {l}: non-finite loss, retrying with learning rates x{lr_scale / 2}")
     raise FloatingPointError(f"block {l}: the loss became NaN/inf twice (also with halved learning rates); "
                              f"try --dtype fp32 or lower --lr-clip / --lr-lora")
 
@@ -255,7 +256,7 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
             raise FloatingPointError(f"block {l}: the full-precision block's outputs overflow --dtype {cfg.dtype} "
                                      f"(largest finite value {torch.finfo(dtype).max:.4g})" +
                                      (": use --dtype bf16" if dtype == torch.float16 else ""))
-        Y_aug = None
+        Y_aug = start = None
         if l < len(done):                                                         # finished earlier: replay
             qblock = load_block(out, l, fp_block, cfg.bits, cfg.group_size, cfg.lora_alpha, device)
             Xq_next = run_block(qblock, Xq, freqs, device)
@@ -277,7 +278,7 @@ def calibrate_blocks(model, tokens, cfg, out, done, penalty):
             save_progress(out, result_settings(cfg), logs)
             print_log(logs[-1], n_layers, logs[-2]["target_ms"] if l > 0 else None)
         model.layers[l] = to_host(qblock, model.layers[l])                        # 4. freeze, move on
-        del fp_block, qblock, Y_aug
+        del fp_block, qblock, Y_aug, start
         X, Xq = Y, Xq_next
         if cfg.stop_after and l + 1 - len(done) >= cfg.stop_after and l + 1 < n_layers:
             print(f"stopped after {cfg.stop_after} block(s) as asked; the same command continues from block {l + 1}")

@@ -2,10 +2,11 @@
 names, peak memory, and run configs as dataclasses turned into argparse flags.
 
 A script wraps its main in `run(main, ..., resume=...)`: a ValueError / FileNotFoundError /
-PermissionError (how this project reports bad input) prints as one line `error: ...` and exits 2;
+NotADirectoryError / PermissionError (how this project reports bad input) or a FloatingPointError (a
+calibration whose loss diverged twice) prints as one line `error: ...` and exits 2;
 a full disk prints one line naming the file and exits 1; Ctrl-C exits 130 and SIGTERM (what SLURM
 and Kubernetes send before they kill) 143 (128 + 15), each with one line saying how the same
-command continues (`resume`). Set APIQ_DEBUG=1 to see the full traceback instead. Every result
+command continues (`resume`). Set APIQ_DEBUG=1 to see the full traceback of an error instead. Every result
 file is written with `atomic_write` (temp file + rename), so a crash, a signal or a full disk never
 leaves a half-written file that looks complete.
 
@@ -64,11 +65,12 @@ def _terminate(signum, frame):
 
 
 class DiskFull(Exception):
-    """A write failed because the filesystem is full (or the quota is used up)."""
+    """A write failed because the filesystem is full (or the quota is used up); atomic: the write
+    went through atomic_write, so nothing of it was left (else the file may be incomplete)."""
 
-    def __init__(self, path, cause):
+    def __init__(self, path, cause, atomic=True):
         super().__init__(f"the disk is full: could not write {path} ({cause})")
-        self.path = path
+        self.path, self.atomic = path, atomic
 
 
 def out_of_space(e, directory=None) -> bool:
@@ -99,9 +101,10 @@ def run(main, *args, resume="the same command runs it again"):
         if os.environ.get("APIQ_DEBUG"):
             raise
         if not isinstance(e, DiskFull) and out_of_space(e):              # a write outside atomic_write
-            e = DiskFull(getattr(e, "filename", None) or "a file", str(e).splitlines()[0])
+            e = DiskFull(getattr(e, "filename", None) or "a file", str(e).splitlines()[0], atomic=False)
         if isinstance(e, DiskFull):
-            fail(f"error: {e}; nothing half-written was left: free some space, then {resume}", 1)
+            left = "nothing half-written was left" if e.atomic else "that file may be incomplete: the rerun rewrites it"
+            fail(f"error: {e}; {left}: free some space, then {resume}", 1)
         if isinstance(e, USER_ERRORS):
             fail(f"error: {e}", 2)
         raise

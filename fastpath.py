@@ -24,8 +24,8 @@ which calibrate.py makes with --fast (and --compile, --quick, --long) and finetu
 - torch's fused AdamW (one pass over each parameter a step; the rounding offsets are as many as
   the weights).
 
-Each device has the plain formula's values: FakeQuant and PackedMatmul bit for bit (compiled:
-within fp32 rounding of the gradients), the merged W_eff and WeightedDistance within fp32
+Each device has the plain formula's values: FakeQuant's W_hat and PackedMatmul bit for bit,
+FakeQuant's gradients (eager and compiled), the merged W_eff and WeightedDistance within fp32
 rounding, fused AdamW within its kernel's rounding (tests/test_fastpath.py;
 bench/bit_identity.py holds whole runs to the code before this became one call;
 bench/bench_quantizer.py times them).
@@ -33,8 +33,9 @@ bench/bench_quantizer.py times them).
     python -c "import fastpath, lora, torch; print(fastpath.accelerate(lora.QuantLinear.from_linear(
         torch.nn.Linear(64, 8), rank=4)).module)"
 """
+import warnings
 from functools import cache, partial
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +47,13 @@ from saliency import SaliencyPenalty
 class Accelerated(NamedTuple):
     module: torch.nn.Module                 # the QuantLinears swapped for FastQuantLinear
     penalty: Optional[SaliencyPenalty]      # a FastPenalty, or None
-    optimizer: type                         # torch.optim.AdamW with fused=True
+    optimizer: Callable                     # an AdamW factory: torch.optim.AdamW with fused=True
 
 
 def accelerate(module, penalty=None, compile=False) -> Accelerated:
-    """Install the speed devices (the module docstring) in `module` (a QuantLinear, a block or a
-    whole model: swapped in place, the same tensors) and `penalty`."""
+    """Install the speed devices (the module docstring) in `module` (a block or a whole model: its
+    QuantLinears swapped in place, the same tensors; a bare QuantLinear: its fast copy returned)
+    and in `penalty`."""
     kernels = compiled_kernels() if compile else EAGER
     variant = None if penalty is None else penalty.variant
 
@@ -105,7 +107,7 @@ class FastQuantLinear(QuantLinear):
             merged = self.merges(q, x.shape[:-1].numel())
             w = torch.addmm(q, self.B, self.A, alpha=self.scaling) if merged else q     # W_eff or Q(W), (out, in)
             if self.penalty_variant is not None:
-                self.step = (w, merged)                              # for the penalty of the same step
+                self.step = (w, merged, self.versions())             # for the penalty of the same step
             y = F.linear(x, w.to(x.dtype), bias)
             if merged:
                 return y
@@ -117,10 +119,15 @@ class FastQuantLinear(QuantLinear):
         lora = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))  # (x A^T) B^T
         return y + self.scaling * lora
 
+    def versions(self):
+        """The parameters' version counters: an optimizer step changes them."""
+        return tuple(p._version for p in (self.gamma, self.beta, self.offset, self.A, self.B) if p is not None)
+
     def take_step(self):
-        """(the weight the last calibration step applied, whether it is W_eff), once; or None."""
+        """(the weight the last calibration step applied, whether it is W_eff), once, while the
+        parameters are those it was made from; else None (the penalty then computes its own)."""
         step, self.step = self.step, None
-        return step
+        return step[:2] if step is not None and step[2] == self.versions() else None
 
     def freeze(self, cache=True):
         self.step = None
@@ -187,17 +194,22 @@ class Compiled:
     machine without the C++ compiler that inductor needs on a CPU (fell_back then says so)."""
 
     def __init__(self, fn):
-        self.fn, self.compiled, self.fell_back = fn, torch.compile(fn, dynamic=False), False
+        self.fn, self.compiled, self.fell_back, self.shapes = fn, torch.compile(fn, dynamic=False), False, set()
 
     def __call__(self, *args):
-        if not self.fell_back:
-            try:
-                return self.compiled(*args)
-            except Exception as e:                          # noqa: BLE001 (any compiler failure)
-                import warnings
-                warnings.warn(f"torch.compile of the quantizer failed ({type(e).__name__}): it runs eagerly")
-                self.fell_back = True
-        return self.fn(*args)
+        if self.fell_back:
+            return self.fn(*args)
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if key in self.shapes:                             # compiled for these shapes: any error is a real one
+            return self.compiled(*args)
+        try:
+            out = self.compiled(*args)                     # the first call of a shape compiles
+        except Exception as e:                             # noqa: BLE001 (any compiler failure)
+            warnings.warn(f"torch.compile of the quantizer failed ({type(e).__name__}): it runs eagerly")
+            self.fell_back = True
+            return self.fn(*args)
+        self.shapes.add(key)
+        return out
 
 
 class FakeQuant(torch.autograd.Function):

@@ -6,7 +6,8 @@ block becomes
     y = x Q(W)^T + s (x A^T) B^T,   s = lora_alpha / rank,   A: rank x in,  B: out x rank   (LoRA)
 
 with Q the quantizer of quant.py (learnable clipping gamma, beta) and the usual LoRA init
-A ~ kaiming_uniform(a=sqrt(5)), B = 0 (Hu et al. 2021, section 4.1). Naming as in the LoRA
+B = 0 (Hu et al. 2021, section 4.1) and A ~ kaiming_uniform(a=sqrt(5)), as peft draws it (the
+paper says a random Gaussian). Naming as in the LoRA
 paper and peft: A is the input-side factor (random init), B the output-side factor (zero
 init), and the update is B @ A. The ApiQ paper writes the update with the factors' names
 swapped; the product is the same.
@@ -122,6 +123,8 @@ class QuantLinear(nn.Module):
         """Calibration done: store Q(W) as integer codes with its scale and zero (the clipping is
         in them now, so gamma and beta go) and, with cache=True, keep it dequantized for speed.
         A and B stay trainable: they are what finetuning trains."""
+        if self.quantized:
+            raise ValueError("freeze() of a QuantLinear that is frozen already (its codes would be made again from W)")
         codes, self.scale, self.zero = quantize(self.weight, self.bits, self.group_size, self.gamma, self.beta,
                                                 self.offset)
         self.codes = pack(codes, self.bits)
@@ -262,7 +265,7 @@ def loftq_init(w, bits, group_size, rank, lora_alpha, iters=5, lowrank=False):
     for _ in range(iters):
         codes, scale, zero = quantize(w - scaling * B @ A, bits, group_size)   # Q = RTN(W - s B A)
         q = dequantize(codes, scale, zero, group_size)
-        B, A = svd_split(w - q, rank, scaling, lowrank)                        # B A = SVD_r(W - Q)
+        B, A = svd_split(w - q, rank, scaling, lowrank)                        # s B A = SVD_r(W - Q)
         errors.append(weight_error(w, q + scaling * B @ A))
     return LoraInit(codes, scale, zero, A, B, errors)
 

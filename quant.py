@@ -56,7 +56,7 @@ def quant_params(w, bits, group_size, gamma=None, beta=None):
 
     The group's own max and min are used: unlike some RTN codes, 0 is not forced into the range
     (OmniQuant and ApiQ do not). A group of positive weights would get a negative zero point; the
-    clamp makes it 0 (and 2^N - 1 for a negative group), so codes above (2^N - 1) * step clip.
+    clamp makes it 0 (and 2^N - 1 for a negative group), so weights above (2^N - 1) * step clip.
     """
     validate(bits, group_size, w.shape[-1])
     g = _groups(w, group_size)
@@ -98,7 +98,8 @@ def fake_quant(w, bits, group_size, gamma=None, beta=None, offset=None):
 def quantize(w, bits, group_size, gamma=None, beta=None, offset=None):
     """W (out, in) -> (codes uint8 (out, in), scale, zero); no gradient.
 
-    Same float operations as fake_quant, so dequantize(*quantize(w)) == fake_quant(w) exactly.
+    Same float operations as fake_quant, so dequantize(*quantize(w), group_size) == fake_quant(w)
+    exactly for an fp32 w (fake_quant returns w's dtype).
     """
     with torch.no_grad():
         scale, zero = quant_params(w, bits, group_size, gamma, beta)

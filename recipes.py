@@ -11,7 +11,8 @@ options buy most of its quality in minutes (measured in bench/bench_recipes.py; 
   its own AdamW group without weight decay, clamped after every step. The codes stay N-bit.
 - schedules (--lr-schedule): the learning rates decay to 0 over a block's steps, linearly or
   along a cosine; the finetuning recipe of ApiQ's official scripts uses the cosine (finetune.py).
-- presets: --quick and --long of calibrate.py, --quick of finetune.py.
+- presets: --quick and --long of calibrate.py, --quick of finetune.py. --quick and --long also set
+  compile=True: speed only, fastpath.accelerate's devices with the compiled quantizer.
 
     python calibrate.py --quick          # = the flags of QUICK below
 """
@@ -23,7 +24,7 @@ from lora import svd_split
 
 # calibrate.py: the CPU options; --quick also drops the --aug-loss term (no measured effect with them)
 CPU_OPTIONS = dict(lora_init="svd", learn_rounding=True, lr_schedule="cosine", lr_lora=2e-3, lr_clip=1e-2)
-# --quick: 32 x 512 x 2 since the fused quantizer (was 32 x 256 x 2: about the same minutes before it)
+# --quick: 32 x 512 x 2 since the speed devices (was 32 x 256 x 2: about the same minutes before them)
 QUICK = dict(nsamples=32, seqlen=512, epochs=2, aug_loss=False, compile=True, **CPU_OPTIONS)
 LONG = dict(nsamples=64, seqlen=512, epochs=4, compile=True, **CPU_OPTIONS)
 # finetune.py: the local WikiText-2 train text (68k tokens) once in 256-token windows, 16 windows

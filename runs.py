@@ -25,7 +25,7 @@ from lora import QuantLinear, quant_linears, weight_errors
 from qmodel import METHODS, linear_part, linear_tensors
 
 SALIENCY_FORMAT = "apiq-saliency-v1"
-CHUNK = 4  # windows at a time in block_log
+CHUNK = 4  # windows at a time in block_errors
 SHAPE_KEYS = ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
 
 

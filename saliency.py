@@ -16,7 +16,8 @@ and block l (0-based) of ApiQ-bw then minimises
     mse + lambda_l * sum_{7 linears} sum_i alpha_i (w_i - W_eff,i)^2                  eq. (2)
     lambda_l = lambda * multiplier^l
     W_eff = Q(W) + s B A   --sal-variant after (the paper's best): A, B feel the penalty too
-    W_eff = Q(W)           --sal-variant before: only the clipping logits gamma, beta feel it
+    W_eff = Q(W)           --sal-variant before: only the clipping logits gamma, beta (and the
+                           rounding offsets V of --learn-rounding) feel it
 
 --weight-penalty X is the naive baseline of section 3.1: alpha_i = 1, lambda = X. alpha is not
 normalised (as in the public code) and tiny, so lambda needs a scale: calibrate.py logs the

@@ -32,6 +32,7 @@ datasets the harness's task YAMLs name:
 """
 import bz2
 import json
+import random
 import re
 from typing import NamedTuple
 
@@ -129,6 +130,39 @@ def winogrande(data_dir=None) -> list[Item]:
         return items
     rows = read_jsonl(root / "winogrande" / "winogrande_dev.llmfoundry.jsonl")
     return [Item(list(r["context_options"]), [" " + r["continuation"].strip()], int(r["gold"])) for r in rows]
+
+
+# ---- the parts of a task for finetuning on it (ApiQ §4's commonsense study on the five local sets)
+
+HELD_OUT, DEV = 300, 200    # items a task: held-out accuracy after finetuning; the dev part that choices are made on
+
+
+class Split(NamedTuple):
+    train: list       # finetuning examples
+    dev: list         # every choice of the recipe is scored here
+    held_out: list    # read only by the final evaluation
+
+
+def split(items, seed=0, held_out=HELD_OUT, dev=DEV) -> Split:
+    """A fixed three-way split of a task's items, a pure function of the items (the file) and the
+    seed, the same for every method: the item indices shuffled once by random.Random(seed), the first
+    `held_out` of them held out, the next `dev` the dev part, the rest train; each part in the
+    file's order."""
+    if held_out + dev >= len(items):
+        raise ValueError(f"{len(items)} items cannot give {held_out} held-out and {dev} dev items and a train part")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held, dev_part, train = order[:held_out], order[held_out:held_out + dev], order[held_out + dev:]
+    return Split(*([items[i] for i in sorted(part)] for part in (train, dev_part, held)))
+
+
+def example(item: Item) -> tuple[str, str]:
+    """(prompt, answer) of an item for finetuning: the context that leads to the gold option and the
+    gold continuation, in the harness's format (WinoGrande: the sentence with the gold option filled
+    in, then the common rest)."""
+    if isinstance(item.context, list):
+        return item.context[item.gold], item.continuations[0]
+    return item.context, item.continuations[item.gold]
 
 
 def load_task(name, data_dir=None) -> list[Item]:

@@ -186,3 +186,16 @@ def test_packed_training_keeps_codes_not_a_dequantized_weight():
     y = cached(x)
     for got, want in zip(grads, [y, *torch.autograd.grad(y.square().sum(), (x, cached.A, cached.B))]):
         assert torch.equal(got, want)
+
+
+def test_a_step_weight_is_used_only_by_the_penalty_of_its_own_step():
+    """The forward of a calibration step hands its W_eff to the penalty of the same step only: after
+    an optimizer step (the parameters changed), or taken once already, there is none."""
+    fast = accelerate(calibrating(out=32), SaliencyPenalty(None, 1.0, 1.0, "after")).module
+    fast(torch.randn(2, 24, 128))
+    w, merged = fast.take_step()
+    assert merged and w.shape == (32, 128) and fast.take_step() is None      # once
+    fast(torch.randn(2, 24, 128))
+    with torch.no_grad():
+        fast.A.add_(1e-3)                                                    # as AdamW's step does, in place
+    assert fast.take_step() is None

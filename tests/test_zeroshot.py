@@ -170,3 +170,23 @@ def test_batched_loglikelihoods_equal_a_direct_forward(smollm2):
     for bs in (1, 4):
         got = loglikelihoods(model, tok, reqs, batch_size=bs)
         assert all(math.isclose(g, w, rel_tol=2e-5, abs_tol=1e-4) for g, w in zip(got, want)), (bs, got, want)
+
+
+def test_task_split_is_fixed_disjoint_and_covers_every_item(data_dir):
+    """tasks.split: a pure function of the file and the seed; held-out, dev and train disjoint and
+    together every item once; another seed another held-out part; example() gives the gold option."""
+    import tasks
+    items = tasks.load_task("arc_easy")
+    a, b = tasks.split(items, seed=0), tasks.split(items, seed=0)
+    assert a == b and (len(a.held_out), len(a.dev)) == (tasks.HELD_OUT, tasks.DEV)
+    assert len(a.train) == len(items) - tasks.HELD_OUT - tasks.DEV
+    ids = {id(x) for part in a for x in part}
+    assert len(ids) == len(items) and ids == {id(x) for x in items}                  # disjoint, complete
+    assert tasks.split(items, seed=1).held_out != a.held_out
+    item = items[0]
+    prompt, answer = tasks.example(item)
+    assert prompt == item.context and answer == item.continuations[item.gold]
+    w = tasks.load_task("winogrande")[0]
+    assert tasks.example(w) == (w.context[w.gold], w.continuations[0])
+    with pytest.raises(ValueError, match="cannot give"):
+        tasks.split(items[:400])
