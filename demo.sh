@@ -7,11 +7,12 @@
 # one, draw the paper's figures into $OUT/figures and print the table. The steps are results.sh's
 # (one place for each command), in two lanes of one thread each (2 cores); the paper-start blocks
 # (~10 s each) go in the shorter, baselines lane. Re-running reuses what is finished, and a
-# killed calibration continues where it stopped. ~15 minutes on 2 quiet cores, setup included.
+# killed calibration continues where it stopped. ~15 minutes on 2 quiet cores, setup included
+# (16.0 with LIMIT=8 on 2026-12-06's machine, whose calibration took 9.9 min: LIMIT is 4 since).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
-export OUT=${OUT:-out/demo} LIMIT=${LIMIT:-8} ITEMS=${ITEMS:-0} THREADS=1 PAPER_BLOCKS=${PAPER_BLOCKS:-8}
+export OUT=${OUT:-out/demo} LIMIT=${LIMIT:-4} ITEMS=${ITEMS:-0} THREADS=1 PAPER_BLOCKS=${PAPER_BLOCKS:-8}
 mkdir -p "$OUT"
 bash results.sh calib-bw-w2 eval-apiq-bw-w2 talk-apiq-bw-w2 > "$OUT/lane-apiq.log" 2>&1 &
 apiq=$!
