@@ -75,10 +75,9 @@ class FastQuantLinear(QuantLinear):
 
     @classmethod
     def of(cls, m, penalty_variant=None, kernels=None):
-        f = cls(m.A, m.B, m.bits, m.group_size, m.lora_alpha)
-        f.A, f.B = m.A, m.B                                          # the same parameters, not copies
-        for name in ("weight", "bias", "codes", "scale", "zero", "q_cache", "gamma", "beta", "offset"):
-            setattr(f, name, getattr(m, name))
+        """m's state, its parameters and buffers the same tensors (not copies), in a FastQuantLinear."""
+        f = object.__new__(cls)
+        f.__dict__ = {**m.__dict__, "_parameters": dict(m._parameters), "_buffers": dict(m._buffers)}
         f.penalty_variant, f.kernels, f.step = penalty_variant, kernels or EAGER, None
         return f
 
