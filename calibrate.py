@@ -369,7 +369,9 @@ def main(cfg: Config):
         torch.set_num_threads(cfg.threads)
     # the checkpoint stays on the host in its own dtype (mmap'd where the format allows): only
     # the block being calibrated is copied, converted and moved to the device
+    t_load = time.time()
     model, tok = load(cfg.ckpt, device="cpu", dtype=None)
+    load_seconds = time.time() - t_load                 # bench/bench_peers.py: minutes = load + calibration
     require_fp(model, cfg.ckpt)
     check_linears(model, cfg.group_size, 0 if cfg.method == "rtn" else cfg.rank)
     if cfg.method not in INITS:
@@ -388,7 +390,8 @@ def main(cfg: Config):
             return out
         write_json(out / "calib_log.json", {"config": asdict(cfg), "blocks": logs})
     seconds = time.time() - t0
-    save_quantized(model, tok, out, made_by(asdict(cfg), calibration_seconds=round(seconds, 1)))
+    save_quantized(model, tok, out, made_by(asdict(cfg), calibration_seconds=round(seconds, 1),
+                                            load_seconds=round(load_seconds, 1)))
     (out / "progress.json").unlink(missing_ok=True)
     shutil.rmtree(out / "blocks", ignore_errors=True)   # all in model.safetensors now
     print(f"{cfg.method}: {model.args.n_layers} blocks in {seconds / 60:.1f} min; saved {out}")

@@ -7,7 +7,8 @@
 #   OUT=out/demo ITEMS=0 bash results.sh calib-bw-w2 ...    # what demo.sh runs
 #   FT_LOSS=kd bash results.sh ft-apiq-bw-w2                # finetune.py --loss kd from OUT/apiq-bw-w2
 #   bash results.sh study-none-w2-s0 study-r0.3-w2-s1       # the saliency study (Cao & Aref Tables 1-2): below
-#   bash results.sh peers           # the headline table: every method and peer (bench/bench_peers.py)
+#   bash results.sh bench-reference bench-tune-peers-w2   # the benchmark: the day's clock, the peers' tuning rows
+#   bash results.sh peers           # the older headline table (bench/bench_peers.py before the protocol)
 #   PPL= bash results.sh eval-apiq-bw-w2     # activation/weight errors (+ zero-shot) only, for the figures
 #   PAPER_BLOCKS=8 bash results.sh calib-bw-paper-w2   # ApiQ-bw from the paper's start, first 8 blocks (fig. 5)
 #
@@ -29,6 +30,10 @@ FT_LOSS=${FT_LOSS:-ce}       # finetune.py --loss: ce (paper) or kd (ft-* steps 
 PAPER_BLOCKS=${PAPER_BLOCKS:-}  # calib-bw-paper-*: calibrate only the first this many blocks ('': all)
 STUDY_LIMIT=${STUDY_LIMIT:-40}  # saliency study: WikiText-2 test and C4 windows per model
 STUDY_ITEMS=${STUDY_ITEMS:-0}   # saliency study: zero-shot items per task (0: none; 500: 1 point of standard error)
+# the benchmark's tuning rows (bench/bench_peers.py --split tuning: WikiText-2 validation), the peers at
+# their presets and AutoRound at its light (50) and default (200) iterations, at ~10, 20, 40 minutes
+PEER_TUNING=${PEER_TUNING:-"fp hqq gptq autoround:iters=50,seqlen=256 autoround:iters=200,batch_size=2,seqlen=256
+  autoround:iters=50 autoround:iters=200,batch_size=2 autoround:iters=50,seqlen=1024 autoround:iters=200,batch_size=4"}
 FT_TAG=$([ "$FT_LOSS" = kd ] && echo -kd || true)
 mkdir -p "$OUT"
 
@@ -127,21 +132,20 @@ step() {
       calib "apiq-bw-sal-$variant-w$b" --bits "$b" --saliency "$OUT/saliency" --sal-lambda "$SAL_LAMBDA" \
         --sal-variant "$variant" ;;
     eval-fp) evaluate fp "${EVAL[@]}" ;;
-    # every method and peer on the same windows, with its quantization minutes (bench/bench_peers.py,
-    # resumable, its own models under OUT/peers/models: the quick models made above are linked, not
-    # made again); 2 and 3 bits with every peer, 4 bits with ours
-    peers) mkdir -p "$OUT/peers/models"
-      for b in 2 3 4; do
-        for pair in apiq-bw:apiq-quick apiq-lw:apiq-lw loftq:loftq rtn:rtn; do
-          if [ -f "$OUT/${pair%%:*}-w$b/apiq.json" ] && [ ! -e "$OUT/peers/models/${pair#*:}-w$b" ]; then
-            ln -s "../../${pair%%:*}-w$b" "$OUT/peers/models/${pair#*:}-w$b"
-          fi
-        done
-      done
-      say python bench/bench_peers.py --bits 2,3 --limit "$LIMIT" --apiq-budgets quick,64x512x2,64x512x3,long \
-        --threads "$THREADS" --out "$OUT/peers"
-      say python bench/bench_peers.py --methods fp,rtn,loftq,apiq --bits 4 --limit "$LIMIT" --apiq-budgets quick \
-        --threads "$THREADS" --out "$OUT/peers" ;;
+    # the benchmark (bench/bench_peers.py; docs/benchmarks.md#the-protocol): the day's reference job
+    # first, then rows one thread each, resumable row by row, into bench/results/benchmark_*.json
+    bench-reference) say python bench/bench_peers.py --reference --threads 1 --out "$OUT/bench" ;;
+    bench-tune-peers-w[0-9]) say python bench/bench_peers.py --split tuning --bits "${1##*-w}" --rows "$PEER_TUNING" \
+        --threads 1 --out "$OUT/bench" ;;
+    # the older headline table's rows (RESULTS.md), made again under the protocol's clock into
+    # OUT/peers.json: the peers at the settings of then (GPTQ damp 1% without act-order, AutoRound
+    # light in fp32), ours at --quick and longer budgets; 2 and 3 bits, 4 bits with ours
+    peers) local old="fp rtn loftq apiq-lw:quick apiq:quick apiq:quick,nsamples=64,epochs=2 \
+apiq:quick,nsamples=64,epochs=3 apiq:long"
+      say python bench/bench_peers.py --split test --bits 2,3 --limit "$LIMIT" --threads "$THREADS" --out "$OUT/peers" \
+        --json "$OUT/peers/peers.json" --rows "$old hqq gptq:damp=0.01,act_group_aware=0 autoround:iters=50,amp=0,compile=0"
+      say python bench/bench_peers.py --split test --bits 4 --limit "$LIMIT" --threads "$THREADS" --out "$OUT/peers" \
+        --json "$OUT/peers/peers.json" --rows "fp rtn loftq apiq:quick" ;;
     # QLoRA's init is RTN with B = 0: its outputs are RTN's exactly, so only its errors are measured
     eval-qlora-w[0-9]) evaluate "qlora-w${1##*-w}" --ckpt "$OUT/qlora-w${1##*-w}" --ppl '' --errors --threads "$THREADS" ;;
     eval-rtn-w[0-9]|eval-loftq-w[0-9]|eval-apiq-*) local name=${1#eval-}

@@ -1,72 +1,87 @@
-"""The quantizers a user would otherwise pick, side by side with this repo's methods, on the
-embedded SmolLM2-135M: HQQ, GPTQ (GPTQModel) and AutoRound against RTN, LoftQ, ApiQ-lw and
-ApiQ-bw (calibrate.py), all weight-only, asymmetric, groups of 64 inputs, evaluated with this repo's
-perplexity protocol (evaluate.perplexity) on the same WikiText-2 test and C4 windows.
+"""The benchmark: this repo's methods and the quantizers a user would otherwise pick (HQQ, GPTQ via
+GPTQModel, AutoRound), on the embedded SmolLM2-135M, every row on one clock, every choice on a
+tuning set, every stored bit counted. The protocol (docs/benchmarks.md#the-protocol):
 
-    python bench/bench_peers.py --bits 2,3 --limit 40 --threads 1             # every method, resumable
-    python bench/bench_peers.py --methods hqq,gptq --bits 2 --limit 1 --smoke  # a quick check of two paths
-    python plots/peers.py out/peers                                            # -> figures/peers.png
+- Splits. Calibration text: WikiText-2 train (data.calib_windows, seed 0) for every method. Tuning
+  set (--split tuning): the first --limit windows of WikiText-2 *validation* (data.TUNING); nothing
+  trains on it and every choice (recipes, learning rates, ranks, the peers' settings) is made on it.
+  Test sets (--split test): WikiText-2 test and C4 windows, read only by the final rows. A tuning
+  run reads no test file (tests/test_bench_peers.py runs one with wiki.test.raw absent).
+- Bits per weight in every row, over the block linears' weights (bench/bits_per_weight.py's
+  formula, which its test checks against an export's files): codes, zero points, fp16 scales,
+  GPTQ's g_idx, and the adapter at --adapter-bits (export.py writes fp16 by default). The
+  embeddings and head (28.3M parameters, 16-bit in every row) are not in it.
+- Minutes: wall time from loading the full-precision model to the quantized weights in memory,
+  saving excluded (ours: calibrate.py's load_seconds + calibration_seconds; the peers: timed here,
+  GPTQModel's save and reload left out), one thread a row. While a timed row runs, the other core
+  runs at most one other timed row: every row records the mean and max 1-minute load average
+  over its minutes, and a row with a mean above 2.5 is marked as not on the clock.
+- One clock: every working day starts with --reference, a short fixed job (AutoRound 2 bits, 8
+  windows x 256 tokens, 10 iterations, its defaults otherwise) timed alone; its seconds go to
+  bench/results/reference.json with the CPU model and the load. Each row records that day's
+  reference and its ratio to the first day's; rows count as one clock only within 5%.
 
-Methods (--methods, comma-separated):
-  fp         full precision: the reference (bits 32, minutes 0)
-  rtn        calibrate.py --method rtn: round-to-nearest, no adapter
-  loftq      calibrate.py --method loftq: 5 alternating RTN / SVD steps, rank-64 LoRA
-  apiq-lw    calibrate.py --method lw --quick (ApiQ-lw, layer by layer); rank-64 LoRA
-  apiq       calibrate.py --method bw (ApiQ-bw), one row per --apiq-budgets entry (apiq-quick, ...);
-             rank-64 LoRA
-  hqq        hqq 0.2.x: Quantizer.quantize on each linear (half-quadratic solver, axis 1, settings of
-             its BaseQuantizeConfig: at 2 and 3 bits the zero point stays a float); no data
-  gptq       GPTQModel: GPTQ (Frantar et al. 2023) block by block, damp 1%, no act-order, on
-             GPTQ_CALIB windows of this repo's calibration text
-  autoround  auto-round: SignRound, 50 iterations, batch 8 (its "light" recipe) at its default learning
-             rate (1 / iters), on 32 windows x 512 tokens of this repo's calibration text, fp32 (amp off)
-The peers' calibration text is this repo's: data.calib_windows(tok, n, seqlen, seed=0), WikiText-2
-train, given to each library as token ids. Every peer's result is its dequantized (fake-quantized)
-weights, checked to hold at most 2^bits values per group, put into a copy of our fp32 model.
+    python bench/bench_peers.py --reference                                      # once a day, first
+    python bench/bench_peers.py --split tuning --bits 2 --rows "hqq gptq autoround:iters=50,seqlen=256"
+    python bench/bench_peers.py --split test --limit 20 --rows "autoround:iters=50"  # after every choice
+    python bench/bench_peers.py --smoke --rows "hqq gptq autoround apiq:quick"    # the code paths, tiny budgets
 
-minutes: wall time, measured in this run, of the step that makes the quantized model from the
-full-precision one: for ours the whole calibrate.py process (start, load, calibrate, save); for
-the peers from our fp32 model in memory to the dequantized weights, including building the
-transformers model (and, for GPTQModel, the directory) the library needs. Evaluation is not
-counted. LoftQ and ApiQ also keep fp32 LoRA factors (rank 64) beside the N-bit codes.
-
-Results: OUT/peers.json (rows: method, bits, minutes, wikitext2, c4, notes; written atomically
-after every row) and a Markdown table. A row already in peers.json with the same --limit,
---c4-limit and --smoke is not redone; ours reuse a finished OUT/models/<row> directory, the peers
-their dequantized weights OUT/models/<row>-w<bits>.safetensors (with the minutes they took), so a
-second evaluation (more windows, C4) does not quantize again. Two runs with different --methods or
---bits may share OUT (two single-thread lanes): each reads peers.json again before it adds a row.
-A missing peer library is skipped with the pip command that installs it (requirements-bench.txt).
+Rows (--rows, space-separated): METHOD or METHOD:SETTING=VALUE,... (a bare SETTING means a flag):
+  fp         full precision, the reference perplexity
+  hqq        hqq 0.2.x: Quantizer.quantize on each linear, its BaseQuantizeConfig (no settings, no data)
+  gptq       GPTQModel, its QuantizeConfig defaults: damp=0.05, act_group_aware=1 (activation-aware group
+             order), desc_act=0; nsamples=128, seqlen=512 (GPTQ's 128 windows; 128 x 2048 exceeds the
+             68k tokens of the local WikiText-2 train text)
+  autoround  auto-round: its defaults, iters=200 (its "light" recipe: iters=50), lr 1/iters, batch_size=8,
+             amp (bf16 on the CPU), compile (torch.compile: its default); nsamples=32, seqlen=512 by
+             default here (its own 128 x 2048 exceeds the local text): chosen per time budget on the tuning set
+  apiq, apiq-lw, loftq, qlora, rtn
+             calibrate.py --method bw / lw / loftq / qlora / rtn with the settings as flags
+             (apiq:quick,rank=8 -> calibrate.py --method bw --quick --rank 8)
+A row is named by its method and the settings it changes (autoround-iters50-seqlen256); plots
+group rows by the name's first part. Results: --json (default bench/results/benchmark_<split>.json;
+--smoke: OUT/benchmark_smoke.json), a row written atomically as soon as it is evaluated; a row
+already there with the same windows is not redone; the peers' dequantized weights (with their
+minutes) and our model directories stay under OUT/models, so a second evaluation does not
+quantize again. A missing peer library is skipped with the command that installs it.
 """
 import argparse
 import copy
+import datetime
 import importlib.util
+import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-METHODS = ("fp", "rtn", "loftq", "apiq-lw", "apiq", "hqq", "gptq", "autoround")
 GROUP = 64                                              # inputs per scale and zero point, every method
 SEQLEN = 2048                                           # perplexity window (evaluate.py's protocol)
-GPTQ_CALIB = dict(nsamples=128, seqlen=512)             # GPTQ's 128 windows; 128 x 2048 exceeds the 68k
-                                                        # tokens of the local WikiText-2 train file
-# 50 iterations and batch 8 as its "light" recipe, lr None = the library's own choice, 1 / iters (0.02);
-# the "light" recipe's lr 5e-3 gave 103.0 at 2 bits here (row autoround-lr5e-3 in RESULTS.md)
-AUTOROUND = dict(nsamples=32, seqlen=512, iters=50, lr=None, batch_size=8)
+OURS = {"apiq": "bw", "apiq-lw": "lw", "loftq": "loftq", "qlora": "qlora", "rtn": "rtn"}   # row -> --method
+PEERS = ("hqq", "gptq", "autoround")
+METHODS = ("fp", "rtn", "qlora", "loftq", "apiq-lw", "apiq", *PEERS)
+DEFAULTS = {  # each peer's documented preset, in the names the rows use
+    "hqq": {},
+    "gptq": dict(damp=0.05, act_group_aware=1, desc_act=0, nsamples=128, seqlen=512),
+    "autoround": dict(iters=200, lr=None, batch_size=8, amp=1, compile=None, nsamples=32, seqlen=512),
+}
 SMOKE = {  # --smoke: the same code paths on tiny budgets (numbers meaningless)
+    "gptq": dict(nsamples=4, seqlen=512),   # 2048 tokens: more than the 1536 inputs of w2, else H is singular
+    "autoround": dict(nsamples=4, seqlen=64, iters=2, batch_size=2),
     "loftq": ["--loftq-iters", "1"],
     "apiq": ["--nsamples", "2", "--seqlen", "64", "--epochs", "1"],
-    "gptq": dict(nsamples=4, seqlen=512),   # 2048 tokens: more than the 1536 inputs of w2, else H is singular
-    "autoround": dict(nsamples=4, seqlen=64, iters=2, lr=5e-3, batch_size=2),
+    "apiq-lw": ["--nsamples", "2", "--seqlen", "64", "--epochs", "1"],
 }
+REFERENCE = dict(bits=2, nsamples=8, seqlen=256, iters=10)   # --reference: the day's clock, ~1-2 min alone
+ON_CLOCK = dict(load=2.5, reference=0.05)     # a row's mean load at most; its day's reference within 5%
 TORCH_PIN = "-c <(echo torch==2.13.0)"                  # keeps pip from touching the torch build
 INSTALL = {  # method -> (module it imports, PyPI package, the command that installs it: requirements-bench.txt)
     "hqq": ("hqq", "hqq", f"pip install {TORCH_PIN} hqq==0.2.8.post1"),
@@ -77,51 +92,109 @@ INSTALL = {  # method -> (module it imports, PyPI package, the command that inst
 }
 
 
-# ----------------------------------------------------------------------------- arguments
+# ----------------------------------------------------------------------------- rows
 
-def apiq_flags(budget: str) -> list:
-    """calibrate.py flags of one --apiq-budgets entry: quick, long, or NxTxE (--quick's recipe with
-    N windows of T tokens, E epochs)."""
-    if budget in ("quick", "long"):
-        return [f"--{budget}"]
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", budget)
-    if not m:
-        raise ValueError(f"--apiq-budgets entry {budget!r}: give quick, long, or NxTxE (e.g. 64x512x4)")
-    return ["--quick", "--nsamples", m[1], "--seqlen", m[2], "--epochs", m[3]]
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="methods: " + ", ".join(METHODS))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
-    p.add_argument("--bits", default="2,3", help="comma-separated weight bits (default 2,3)")
-    p.add_argument("--limit", type=int, default=40, help="WikiText-2 test windows of 2048 tokens (default 40)")
-    p.add_argument("--c4-limit", type=int, default=None, help="C4 windows (default: --limit; 0: no C4)")
-    p.add_argument("--apiq-budgets", default="quick,long", help="ApiQ rows: quick, long, NxTxE (default quick,long)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in calibrate.py (default 1)")
-    p.add_argument("--out", default=None, help="results directory (default out/peers; with --smoke out/peers-smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny budgets for every method: checks the code paths only")
-    a = p.parse_args(argv)
-    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    if unknown := [m for m in a.methods if m not in METHODS]:
-        p.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    try:
-        a.bits = [int(b) for b in a.bits.split(",") if b.strip()]
-    except ValueError:
-        p.error(f"--bits {a.bits!r}: comma-separated integers")
-    if not a.bits or any(not 2 <= b <= 8 for b in a.bits):
-        p.error("--bits: each in 2..8")
-    a.budgets = [b.strip() for b in a.apiq_budgets.split(",") if b.strip()]
-    for b in a.budgets:
+def value(text: str):
+    """A setting's value as written: an int, a float, none, or the text."""
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
         try:
-            apiq_flags(b)
-        except ValueError as e:
-            p.error(str(e))
-    a.c4_limit = a.limit if a.c4_limit is None else a.c4_limit
-    if a.limit <= 0 or a.c4_limit < 0 or a.threads <= 0:
-        p.error("--limit and --threads must be positive, --c4-limit >= 0")
-    a.out = Path(a.out or ("out/peers-smoke" if a.smoke else "out/peers")).resolve()  # calibrate.py runs in ROOT
-    return a
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_row(spec: str) -> dict:
+    """"autoround:iters=50,seqlen=256" -> {name, method, settings}; settings are the peer's
+    defaults with the given ones on top (ours: the given calibrate.py flags only)."""
+    method, _, rest = spec.partition(":")
+    if method not in METHODS:
+        raise ValueError(f"row {spec!r}: unknown method {method!r}; known: {', '.join(METHODS)}")
+    given = {}
+    for part in filter(None, rest.split(",")):
+        k, eq, v = part.partition("=")
+        given[k.strip()] = value(v.strip()) if eq else True
+    if method in DEFAULTS:
+        if unknown := set(given) - set(DEFAULTS[method]):
+            raise ValueError(f"row {spec!r}: {method} has no setting {', '.join(sorted(unknown))}; "
+                             f"its settings: {', '.join(DEFAULTS[method]) or 'none'}")
+        settings = DEFAULTS[method] | given
+        changed = {k: v for k, v in given.items() if DEFAULTS[method][k] != v}
+    else:
+        settings = changed = given
+    name = method + "".join(f"-{k}" if v is True else f"-{k}{v}" for k, v in changed.items())
+    return {"name": name, "method": method, "settings": settings}
+
+
+def calibrate_flags(settings: dict) -> list:
+    """{quick: True, rank: 8} -> ["--quick", "--rank", "8"]."""
+    flags = []
+    for k, v in settings.items():
+        flags += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return flags
+
+
+# ----------------------------------------------------------------------------- the clock
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+    return platform.processor() or platform.machine()
+
+
+class LoadMeter:
+    """The 1-minute load average, sampled every `every` seconds while a row runs (mean and max)."""
+
+    def __init__(self, every=5.0):
+        self.every, self.samples, self.stop = every, [], threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self):
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self.stop.wait(self.every):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> dict:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"load_mean": round(sum(s) / len(s), 2), "load_max": round(max(s), 2)}
+
+
+def reference_path(a) -> Path:
+    return a.json.parent / ("reference_smoke.json" if a.smoke else "reference.json")
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def clock(a) -> dict:
+    """What every row records of the machine: the CPU, today's reference seconds and their ratio
+    to the first day's (None where today's reference was not run)."""
+    days = json.loads(reference_path(a).read_text())["days"] if reference_path(a).exists() else []
+    mine = [d for d in days if d["date"] == today() and d["cpu"] == cpu_model()]
+    ref = mine[0]["seconds"] if mine else None
+    first = days[0]["seconds"] if days else None
+    return {"cpu": cpu_model(), "date": today(), "reference_seconds": ref,
+            "reference_ratio": round(ref / first, 4) if ref and first else None}
+
+
+def on_clock(row) -> bool:
+    m = row["machine"]
+    return (m.get("reference_ratio") is not None and abs(m["reference_ratio"] - 1) <= ON_CLOCK["reference"]
+            and m["load_mean"] <= ON_CLOCK["load"])
 
 
 # ----------------------------------------------------------------------------- transformers <-> ours
@@ -213,7 +286,11 @@ def with_linears(fp_model, weights: dict, bits: int):
 
 # ----------------------------------------------------------------------------- the peers
 
-def quantize_hqq(fp_model, tok, bits, a):
+# ----------------------------------------------------------------------------- the peers
+# Each returns (dequantized weights {"layers.L.attention.wq": (out, in)}, notes, seconds to leave
+# out of its minutes, the bits_per_weight.formula arguments of its packed form).
+
+def quantize_hqq(fp_model, tok, bits, s, a):
     """HQQ: each linear alone, no data. BaseQuantizeConfig(nbits, group_size=64, axis=1)'s weight
     settings, fp32 on the CPU, unpacked; Quantizer.dequantize gives (W_q - zero) * scale."""
     import torch
@@ -228,7 +305,9 @@ def quantize_hqq(fp_model, tok, bits, a):
             w_q, meta = Quantizer.quantize(w, device="cpu", compute_dtype=torch.float32, bitpack=False, **params)
             weights[f"layers.{l}.{name}"] = Quantizer.dequantize(w_q, meta).reshape(w.shape)  # (out, in)
     zero = "rounded" if params["round_zero"] else "float"
-    return weights, f"hqq {hqq_version()}: half-quadratic solver, axis 1, {zero} zero point, no data"
+    # its packed form: N-bit codes, an fp16 scale and a zero point (N bits rounded, else fp16) per group
+    return (weights, f"hqq {hqq_version()}: half-quadratic solver, axis 1, {zero} zero point, no data", 0.0,
+            dict(zero_bits=bits if params["round_zero"] else 16, g_idx=False))
 
 
 def hqq_version():
@@ -254,36 +333,40 @@ def tame_gptqmodel(gptqmodel, threads, log_dir):
     gptqmodel.DeviceThreadPool = sized
 
 
-def quantize_gptq(fp_model, tok, bits, a):
+def quantize_gptq(fp_model, tok, bits, s, a):
     """GPTQ through GPTQModel, the way its users run it: our model saved as a transformers
     directory (GPTQModel loads from one), quantized layer by layer on this repo's calibration
     windows, saved in the GPTQ format and loaded back with the torch kernel; then every
-    TorchLinear's codes, dequantized.
+    TorchLinear's codes, dequantized. Its QuantizeConfig's defaults except the format's (asymmetric,
+    group 64) and offload_to_disk=False (a memory setting: 135M parameters fit in memory).
 
     Why the save and reload: in gptqmodel 7.6.0 the model left in memory by quantize() with
     sym=False dequantizes one step too high in every group (qzeros are packed in the GPTQ v1
     format, zero - 1, and read back as they are), so its weights are not the quantized model
-    that it saves; the reloaded model is (measured: the two differ by exactly one scale)."""
+    that it saves; the reloaded model is (measured: the two differ by exactly one scale). The
+    save and reload are left out of the minutes, as every row's saving is."""
     import torch
 
     import gptqmodel
     from data import calib_windows
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     tame_gptqmodel(gptqmodel, a.threads, a.out / "gptq-logs")
-    c = SMOKE["gptq"] if a.smoke else GPTQ_CALIB
-    windows = calib_windows(tok, c["nsamples"], c["seqlen"], seed=0)             # (n, T)
+    windows = calib_windows(tok, s["nsamples"], s["seqlen"], seed=0)              # (n, T)
     calib = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
-    cfg = QuantizeConfig(bits=bits, group_size=GROUP, sym=False, desc_act=False, act_group_aware=False,
-                         damp_percent=0.01, device="cpu", offload_to_disk=False)
+    cfg = QuantizeConfig(bits=bits, group_size=GROUP, sym=False, desc_act=bool(s["desc_act"]),
+                         act_group_aware=bool(s["act_group_aware"]), damp_percent=s["damp"], device="cpu",
+                         offload_to_disk=False)
     with tempfile.TemporaryDirectory(dir=a.out, prefix=".gptq-") as d:
         to_hf(fp_model).save_pretrained(f"{d}/fp")
         hf_tokenizer().save_pretrained(f"{d}/fp")
         qm = GPTQModel.load(f"{d}/fp", cfg, dtype=torch.float32)
         qm.quantize(calib, batch_size=1)
+        t_save = time.time()
         qm.save(f"{d}/q")
         del qm
         # TorchLinear takes only fp16 / bf16; fp16 holds the saved scales exactly
         qm = GPTQModel.load(f"{d}/q", device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+        excluded = time.time() - t_save
     weights = {}
     with torch.no_grad():
         for name, m in qm.model.named_modules():
@@ -291,121 +374,120 @@ def quantize_gptq(fp_model, tok, bits, a):
                 continue
             # scale * (code - zero), computed by the kernel in fp16 (in, out); redone in fp32: the
             # small integer code - zero is recovered exactly by rounding, then times the fp32 scale
-            s = m.scales.float()[m.g_idx.long()]                         # (in, out) the scale of each weight
-            k = torch.round(m.dequantize_weight().float() / s)           # (in, out) code - zero
-            w = (s * k).T.contiguous()                                   # (out, in)
+            sc = m.scales.float()[m.g_idx.long()]                        # (in, out) the scale of each weight
+            k = torch.round(m.dequantize_weight().float() / sc)          # (in, out) code - zero
+            w = (sc * k).T.contiguous()                                  # (out, in)
             ours, w = hf_to_ours(name, w, fp_model.args)
             if ours:
                 weights[ours] = w
-    return weights, (f"gptqmodel {gptqmodel.__version__}: {c['nsamples']} x {c['seqlen']} tokens, damp 1%, "
-                     f"no act-order; minutes include its save + reload")
+    order = "desc_act" if s["desc_act"] else "act_group_aware" if s["act_group_aware"] else "no reordering"
+    return (weights, f"gptqmodel {gptqmodel.__version__}: {s['nsamples']} x {s['seqlen']} tokens, damp "
+                     f"{s['damp']:g}, {order}", excluded, dict(g_idx=True))
 
 
-def quantize_autoround(fp_model, tok, bits, a):
-    """AutoRound on a transformers copy of our model: the calibration windows are given as token
-    tensors, batch by batch; after quantize() (no export) every linear's weight is its
-    quantize-dequantize value, read back from the in-memory model."""
+def quantize_autoround(fp_model, tok, bits, s, a):
+    """AutoRound on a transformers copy of our model, its defaults except the row's settings: the
+    calibration windows are given as token tensors, batch by batch; after quantize() (no export)
+    every linear's weight is its quantize-dequantize value, read back from the in-memory model."""
     import auto_round
     from auto_round import AutoRound
 
     from data import calib_windows
-    c = SMOKE["autoround"] if a.smoke else AUTOROUND
-    windows = calib_windows(tok, c["nsamples"], c["seqlen"], seed=0)             # (n, T)
+    windows = calib_windows(tok, s["nsamples"], s["seqlen"], seed=0)             # (n, T)
     hf = to_hf(fp_model)
-    ar = AutoRound(hf, tokenizer=hf_tokenizer(), bits=bits, group_size=GROUP, sym=False,
-                   dataset=list(windows.split(c["batch_size"])),               # [(batch, T), ...]
-                   nsamples=c["nsamples"], seqlen=c["seqlen"], iters=c["iters"], lr=c["lr"],
-                   batch_size=c["batch_size"], device_map="cpu", amp=False, low_cpu_mem_usage=False,
-                   enable_torch_compile=False)
-    model, _ = ar.quantize()
+    kw = dict(bits=bits, group_size=GROUP, sym=False, dataset=list(windows.split(s["batch_size"])),  # [(b, T), ...]
+              nsamples=s["nsamples"], seqlen=s["seqlen"], iters=s["iters"], lr=s["lr"],
+              batch_size=s["batch_size"], device_map="cpu", amp=bool(s["amp"]))
+    if s["compile"] is not None:
+        kw["enable_torch_compile"] = bool(s["compile"])
+    model, _ = AutoRound(hf, tokenizer=hf_tokenizer(), **kw).quantize()
     weights = {}
     for name, m in model.named_modules():
         if hasattr(m, "weight") and getattr(m, "in_features", None):
             ours, w = hf_to_ours(name, m.weight.detach().float(), fp_model.args)
             if ours:
                 weights[ours] = w
-    return weights, (f"auto-round {auto_round.__version__}: {c['nsamples']} x {c['seqlen']} tokens, "
-                     f"iters {c['iters']}, lr {c['lr'] or 'default (1/iters)'}, batch {c['batch_size']}, fp32")
+    lr = s["lr"] or f"1/iters = {1 / s['iters']:g}"
+    # its export (auto_gptq / auto_round format) packs as GPTQ: N-bit codes and zeros, fp16 scales
+    return (weights, f"auto-round {auto_round.__version__}: {s['nsamples']} x {s['seqlen']} tokens, iters "
+                     f"{s['iters']}, lr {lr}, batch {s['batch_size']}, amp {'bf16' if s['amp'] else 'off (fp32)'}, "
+                     f"torch.compile {'default' if s['compile'] is None else bool(s['compile'])}", 0.0, dict(g_idx=True))
 
 
-PEERS = {"hqq": quantize_hqq, "gptq": quantize_gptq, "autoround": quantize_autoround}
+QUANTIZE = {"hqq": quantize_hqq, "gptq": quantize_gptq, "autoround": quantize_autoround}
 
 
-# ----------------------------------------------------------------------------- ours (calibrate.py)
+# ----------------------------------------------------------------------------- timed rows
 
-def run_ours(row, method, bits, flags, a):
-    """calibrate.py in a subprocess -> (model directory, seconds, notes). A finished directory is
-    reused; a calibration interrupted before is continued (ApiQ-bw resumes block by block), and
-    its minutes add up the wall time of every process that worked on it."""
-    import json
+def run_peer(row, bits, a):
+    """(dequantized weights, seconds, notes, bits_per_weight arguments, machine) of a peer row:
+    quantized here from a fresh load of the full-precision model, or read back from
+    OUT/models/<row>-w<bits>.safetensors, which the first run writes with its minutes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
+    from checkpoints import load
+    from cli import atomic_write
+    f = a.out / "models" / f"{row['name']}-w{bits}{'-smoke' if a.smoke else ''}.safetensors"
+    if f.exists():
+        with safe_open(str(f), framework="pt") as g:
+            meta = json.loads(g.metadata()["row"])
+        print(f"  the weights from {f} ({meta['seconds'] / 60:.1f} min when made)", flush=True)
+        return load_file(str(f)), meta["seconds"], meta["notes"], meta["packed"], meta["machine"]
+    settings = row["settings"] | (SMOKE.get(row["method"], {}) if a.smoke else {})
+    with LoadMeter() as meter:
+        t0 = time.time()
+        fp_model, tok = load("smollm2-135m")                     # the clock starts with the load
+        weights, notes, excluded, packed = QUANTIZE[row["method"]](fp_model, tok, bits, settings, a)
+        seconds = time.time() - t0 - excluded
+    machine = clock(a) | meter.summary() | {"threads": a.threads}
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous() for k, v in weights.items()}
+    meta = {"seconds": seconds, "notes": notes, "packed": packed, "machine": machine}
+    atomic_write(f, lambda tmp: save_file(tensors, tmp, metadata={"row": json.dumps(meta)}))
+    return weights, seconds, notes, packed, machine
+
+
+def run_ours(row, bits, a):
+    """calibrate.py in a subprocess -> (model directory, seconds, notes, machine). Minutes are
+    calibrate.py's load_seconds + calibration_seconds (saving excluded); a calibration interrupted
+    and continued adds the wall time of every process instead (said in the notes). A finished
+    directory is reused."""
     from cli import write_json
-    d = a.out / "models" / f"{row}-w{bits}"
-    args = ["--method", method, "--bits", str(bits), "--group-size", str(GROUP), *flags]   # what makes the model
-    clock = d.parent / f"{d.name}.seconds.json"            # wall time of the calibrate.py processes, their flags
-    spent = json.loads(clock.read_text()) if clock.exists() else {"seconds": 0.0, "processes": 0, "args": args}
+    d = a.out / "models" / f"{row['name']}-w{bits}{'-smoke' if a.smoke else ''}"
+    flags = calibrate_flags(row["settings"]) + (SMOKE.get(row["method"], []) if a.smoke else [])
+    args = ["--method", OURS[row["method"]], "--bits", str(bits), "--group-size", str(GROUP), *flags]
+    record = d.parent / f"{d.name}.row.json"               # the processes that worked on it, their machine
+    spent = json.loads(record.read_text()) if record.exists() else {"seconds": 0.0, "processes": 0, "args": args}
     if spent["args"] != args:
         raise ValueError(f"{d} was made by calibrate.py {' '.join(spent['args'])}, not {' '.join(args)}: "
-                         f"remove it (and {clock.name}) or choose another --out")
+                         f"remove it (and {record.name}) or choose another --out")
     if not (d / "apiq.json").exists():
         cmd = [sys.executable, "calibrate.py", *args, "--threads", str(a.threads), "--out", str(d)]
         log = d.parent / f"{d.name}.log"
         d.parent.mkdir(parents=True, exist_ok=True)
         print(f"  {' '.join(cmd[1:])}  (log: {log})", flush=True)
         t0 = time.time()
-        try:
-            with open(log, "a") as f:
-                r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        finally:
-            spent = {"seconds": spent["seconds"] + time.time() - t0, "processes": spent["processes"] + 1, "args": args}
-            write_json(clock, spent)
+        with LoadMeter() as meter:
+            try:
+                with open(log, "a") as f:
+                    r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            finally:
+                spent |= {"seconds": spent["seconds"] + time.time() - t0, "processes": spent["processes"] + 1,
+                          "machine": clock(a) | meter.summary() | {"threads": a.threads}}
+                write_json(record, spent)
         if r.returncode:
             tail = log.read_text().strip().splitlines()[-1:] or ["(empty log)"]
             raise RuntimeError(f"calibrate.py exited {r.returncode}: {tail[0]} (log: {log})")
+    if "machine" not in spent:
+        raise ValueError(f"{d}: made outside this benchmark (no {record.name}): its minutes are not on this clock")
     made = json.loads((d / "apiq.json").read_text())
-    if spent["processes"] == 0:                              # a directory made elsewhere: its own clock
-        spent = {"seconds": made.get("calibration_seconds", float("nan")), "processes": 0, "args": args}
-        note = "minutes: calibrate.py's own calibration_seconds (directory made outside this benchmark)"
+    if spent["processes"] == 1:
+        seconds, note = made.get("load_seconds", 0.0) + made["calibration_seconds"], ""
     else:
-        note = f"{spent['processes']} calibrate.py processes" if spent["processes"] > 1 else ""
-    return d, spent["seconds"], note
+        seconds, note = spent["seconds"], f"{spent['processes']} calibrate.py processes: their wall time"
+    return d, seconds, note, spent["machine"]
 
-
-def run_peer(row, method, bits, fp_model, tok, a):
-    """(dequantized weights, seconds, notes) of a peer: quantized here, or read back from
-    OUT/models/<row>-w<bits>.safetensors, which the first run writes (with its seconds), so that an
-    evaluation with another --limit or --c4-limit does not quantize again."""
-    from safetensors.torch import load_file, save_file
-
-    from cli import atomic_write
-    f = a.out / "models" / f"{row}-w{bits}{'-smoke' if a.smoke else ''}.safetensors"
-    if f.exists():
-        from safetensors import safe_open
-        with safe_open(str(f), framework="pt") as g:
-            meta = g.metadata()
-        print(f"  the weights from {f} ({float(meta['seconds']) / 60:.1f} min when made)", flush=True)
-        return load_file(str(f)), float(meta["seconds"]), meta["notes"]
-    t0 = time.time()
-    weights, notes = PEERS[method](fp_model, tok, bits, a)
-    seconds = time.time() - t0
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous() for k, v in weights.items()}
-    atomic_write(f, lambda tmp: save_file(tensors, tmp, metadata={"seconds": str(seconds), "notes": notes}))
-    return weights, seconds, notes
-
-
-def our_rows(method, a):
-    """[(row name, calibrate.py --method, extra flags)] for one of our --methods entries."""
-    if method in ("rtn", "loftq"):
-        return [(method, method, SMOKE[method] if a.smoke and method in SMOKE else [])]
-    if method == "apiq-lw":                                  # layer-wise ApiQ, the --quick recipe only
-        return [(method, "lw", ["--quick"] + (SMOKE["apiq"] if a.smoke else []))]
-    # ApiQ-bw, one row per budget; under --smoke the tiny flags come after the preset's, and given
-    # flags win over a preset's (calibrate.py: a preset fills only what was not given)
-    return [(f"apiq-{b}", "bw", apiq_flags(b) + (SMOKE["apiq"] if a.smoke else [])) for b in a.budgets]
-
-
-# ----------------------------------------------------------------------------- the run
 
 def evaluate_ppl(model, windows, label):
     """({dataset: perplexity or None}, notes): a non-finite loss (a broken 2-bit model) is
@@ -414,124 +496,203 @@ def evaluate_ppl(model, windows, label):
     ppl, notes = {}, []
     for ds, w in windows.items():
         try:
-            ppl[ds] = None if w is None else round(perplexity(model, w, desc=f"{label} {ds}"), 4)
+            ppl[ds] = round(perplexity(model, w, desc=f"{label} {ds}"), 4)
         except FloatingPointError as e:
             ppl[ds] = None
             notes.append(str(e))
     return ppl, notes
 
 
+def eval_windows(a, tok) -> dict:
+    """{dataset: windows (n, 2048)} of the split: the tuning set reads WikiText-2 validation only."""
+    from data import TUNING, ppl_windows
+    if a.split == "tuning":
+        return {"wikitext2_valid": ppl_windows(TUNING, tok, SEQLEN)[:a.limit]}
+    w = {"wikitext2": ppl_windows("wikitext2", tok, SEQLEN)[:a.limit]}
+    if a.c4_limit:
+        w["c4"] = ppl_windows("c4", tok, SEQLEN)[:a.c4_limit]
+    return w
+
+
+# ----------------------------------------------------------------------------- the table
+
 def family(method: str) -> str:
-    """A row's method family (as plots/common.py's): apiq-quick -> apiq, autoround-lr5e-3 ->
+    """A row's method family (as plots/common.py's): apiq-quick -> apiq, autoround-iters50 ->
     autoround; ApiQ-lw is its own."""
     return "apiq-lw" if method.startswith("apiq-lw") else method.split("-")[0]
 
 
 def order(r):
-    """Rows as the table and peers.json list them: fp first, then by bits, methods as in METHODS,
-    ApiQ budgets by their minutes."""
+    """Rows as the table lists them: fp first, then by bits, methods as in METHODS, then minutes."""
     base = family(r["method"])
     return (0 if base == "fp" else r["bits"], METHODS.index(base) if base in METHODS else len(METHODS),
             r["minutes"], r["method"])
 
 
-def table(rows) -> str:
+def table(rows, datasets) -> str:
     def num(x, fmt):
         return "" if x is None else format(x, fmt)
-    lines = ["| method | bits | minutes | WikiText-2 | C4 | notes |", "|---|---|---|---|---|---|"]
+    lines = ["| row | bits | bits/weight | minutes | " + " | ".join(datasets) + " | clock | notes |",
+             "|---|---|---|---|" + "---|" * len(datasets) + "---|---|"]
     for r in rows:
         bits = "fp32" if r["method"] == "fp" else r["bits"]
-        lines.append(f"| {r['method']} | {bits} | {num(r['minutes'], '.2f')} | {num(r['wikitext2'], '.2f')} | "
-                     f"{num(r['c4'], '.2f')} | {r['notes']} |")
+        clk = "" if r["method"] == "fp" else ("yes" if r["on_clock"] else "no")
+        lines.append(f"| {r['method']} | {bits} | {num(r.get('bits_per_weight'), '.3f')} | {num(r['minutes'], '.2f')} | "
+                     + " | ".join(num(r.get(d), ".2f") for d in datasets) + f" | {clk} | {r['notes']} |")
     return "\n".join(lines)
 
 
-def main(a):
-    import json
+# ----------------------------------------------------------------------------- the run
 
+def reference(a):
+    """Time the reference job alone and add it to reference.json: the day's clock."""
+    from checkpoints import load
+    from cli import write_json
+    s = DEFAULTS["autoround"] | {k: v for k, v in REFERENCE.items() if k != "bits"}
+    with LoadMeter() as meter:
+        t0 = time.time()
+        fp_model, tok = load("smollm2-135m")
+        quantize_autoround(fp_model, tok, REFERENCE["bits"], s, a)
+        seconds = time.time() - t0
+    path = reference_path(a)
+    days = json.loads(path.read_text())["days"] if path.exists() else []
+    days.append({"date": today(), "cpu": cpu_model(), "seconds": round(seconds, 2), "threads": a.threads,
+                 **meter.summary()})
+    write_json(path, {"job": f"auto-round {REFERENCE['bits']} bits, {s['nsamples']} x {s['seqlen']} tokens, "
+                             f"{s['iters']} iterations, its defaults otherwise; from loading the model",
+                      "days": days})
+    first = days[0]["seconds"]
+    print(f"reference: {seconds:.1f} s ({seconds / first:.3f} x the first day's {first:.1f} s), load "
+          f"{meter.summary()['load_mean']}; {path}")
+
+
+def main(a):
     import torch
 
+    from bits_per_weight import formula
     from checkpoints import load
     from cli import check_writable, write_json
-    from data import ppl_windows
+    from lora import quant_linears
     from qmodel import load as load_quantized
     torch.set_num_threads(a.threads)
     check_writable(a.out)
-    path = a.out / "peers.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    if a.reference:
+        return reference(a)
+    saved = json.loads(a.json.read_text()) if a.json.exists() else {}
     rows = {(r["method"], r["bits"]): r for r in saved.get("rows", [])}
-    same = dict(limit=a.limit, c4_limit=a.c4_limit, smoke=a.smoke)
+    same = dict(split=a.split, limit=a.limit, c4_limit=a.c4_limit if a.split == "test" else 0)
+    if a.split == "test" and not a.smoke:
+        print("the test split: run it only for rows whose every choice was made on the tuning set")
 
     def done(key):
         r = rows.get(key)
         return r is not None and all(r.get(k) == v for k, v in same.items())
 
-    def save(key, minutes, evaluated, notes):
-        ppl, problems = evaluated
-        notes = "; ".join([notes, *problems])
-        if path.exists():                                    # rows another run (a second lane) saved meanwhile
-            rows.update({(r["method"], r["bits"]): r for r in json.loads(path.read_text()).get("rows", [])})
-        rows[key] = dict(method=key[0], bits=key[1], minutes=round(minutes, 3), wikitext2=ppl["wikitext2"],
-                         c4=ppl["c4"], notes=notes, **same)
-        write_json(path, {"model": "smollm2-135m", "group_size": GROUP, "seqlen": SEQLEN,
-                          "rows": sorted(rows.values(), key=order)})
-        print(f"  {key[0]} w{key[1]}: {minutes:.2f} min, wikitext2 {ppl['wikitext2']}, c4 {ppl['c4']}", flush=True)
-
     skipped = set()
-    for method in a.methods:
-        if method in INSTALL and importlib.util.find_spec(INSTALL[method][0]) is None:
-            _, package, cmd = INSTALL[method]
-            print(f"skip {method}: the package {package} is not installed; to install it: {cmd}")
-            skipped.add(method)
+    for r in a.rows:
+        m = r["method"]
+        if m in INSTALL and m not in skipped and importlib.util.find_spec(INSTALL[m][0]) is None:
+            print(f"skip {m}: the package {INSTALL[m][1]} is not installed; to install it: {INSTALL[m][2]}")
+            skipped.add(m)
+    fp_model, tok = load("smollm2-135m")                     # fp32, evaluation mode: the evaluation's copy
+    shapes = [tuple(m.weight.shape) for b in fp_model.layers for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    windows = eval_windows(a, tok)
+    datasets = list(windows)
+    print(f"split {a.split}: " + ", ".join(f"{d} {len(w)}" for d, w in windows.items()) +
+          f" windows x {SEQLEN} tokens; threads {a.threads}; results {a.json}" + ("; SMOKE budgets" if a.smoke else ""))
     failed = []
-    fp_model, tok = load("smollm2-135m")                     # fp32, evaluation mode
-    windows = {"wikitext2": ppl_windows("wikitext2", tok, SEQLEN)[:a.limit],                  # (limit, 2048)
-               "c4": ppl_windows("c4", tok, SEQLEN)[:a.c4_limit] if a.c4_limit else None}     # (c4_limit, 2048)
-    print(f"windows: wikitext2 {len(windows['wikitext2'])}, c4 {0 if windows['c4'] is None else len(windows['c4'])} "
-          f"x {SEQLEN} tokens; threads {a.threads}; results {path}" + ("; SMOKE budgets" if a.smoke else ""))
-    if "fp" in a.methods and not done(("fp", 32)):
-        print("fp: full precision")
-        save(("fp", 32), 0.0, evaluate_ppl(fp_model, windows, "fp"), "reference")
     for bits in a.bits:
-        for method in a.methods:
-            if method == "fp" or method in skipped:
+        for row in a.rows:
+            if row["method"] in skipped:
                 continue
-            jobs = [(method, None, None)] if method in PEERS else our_rows(method, a)   # a peer, or ours
-            for row, cal_method, flags in jobs:
-                key = (row, bits)
-                if done(key):
-                    continue
-                print(f"{row} w{bits}g{GROUP}", flush=True)
-                try:
-                    if cal_method is not None:                   # ours: calibrate.py, then qmodel.load
-                        d, seconds, extra = run_ours(row, cal_method, bits, flags, a)
-                        model, _ = load_quantized(d)
-                        lora = "" if cal_method == "rtn" else "; + rank-64 LoRA"
-                        notes = " ".join(["calibrate.py --method", cal_method, *flags]) + lora
-                        notes += f"; {extra}" if extra else ""
-                    else:                                        # a peer: dequantized weights into our model
-                        weights, seconds, notes = run_peer(row, method, bits, fp_model, tok, a)
-                        model = with_linears(fp_model, weights, bits)
-                        del weights
-                    save(key, seconds / 60, evaluate_ppl(model, windows, f"{row} w{bits}"), notes)
-                    del model
-                except KeyboardInterrupt:
+            key = (row["name"], 32 if row["method"] == "fp" else bits)
+            if done(key):
+                continue
+            print(f"{row['name']} w{key[1]}g{GROUP}", flush=True)
+            try:
+                rank, packed = 0, {}
+                if row["method"] == "fp":
+                    model, seconds, notes, machine = fp_model, 0.0, "reference", clock(a)
+                elif row["method"] in OURS:                  # ours: calibrate.py, then qmodel.load
+                    d, seconds, notes, machine = run_ours(row, bits, a)
+                    model, _ = load_quantized(d)
+                    rank = max((m.rank for _, m in quant_linears(model)), default=0)
+                    notes = "; ".join(filter(None, ["calibrate.py " + " ".join(calibrate_flags(row["settings"])), notes]))
+                else:                                        # a peer: dequantized weights into our model
+                    weights, seconds, notes, packed, machine = run_peer(row, bits, a)
+                    model = with_linears(fp_model, weights, bits)
+                    del weights
+                ppl, problems = evaluate_ppl(model, windows, f"{row['name']} w{key[1]}")
+                bpw = {} if row["method"] == "fp" else formula(shapes, bits, GROUP, rank, a.adapter_bits, **packed)
+                r = dict(method=key[0], bits=key[1], settings=row["settings"], minutes=round(seconds / 60, 3),
+                         rank=rank, adapter_bits=a.adapter_bits if rank else None,
+                         bits_per_weight=round(bpw["bits_per_weight"], 4) if bpw else None,
+                         base_bits_per_weight=round(bpw["base_bits_per_weight"], 4) if bpw else None,
+                         **ppl, notes="; ".join([notes, *problems]), machine=machine, **same)
+                r["on_clock"] = row["method"] == "fp" or on_clock(r)
+                if a.json.exists():                          # rows another run (a second lane) saved meanwhile
+                    rows.update({(x["method"], x["bits"]): x for x in json.loads(a.json.read_text()).get("rows", [])})
+                rows[key] = r
+                write_json(a.json, {"model": "smollm2-135m", "group_size": GROUP, "seqlen": SEQLEN,
+                                    "protocol": "bench/bench_peers.py's docstring; docs/benchmarks.md#the-protocol",
+                                    "rows": sorted(rows.values(), key=order)})
+                print(f"  {key[0]} w{key[1]}: {seconds / 60:.2f} min, " +
+                      ", ".join(f"{d} {ppl[d]}" for d in datasets) + f", {r['bits_per_weight']} bits/weight", flush=True)
+                del model
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:                           # one failing row does not stop the rest
+                if os.environ.get("APIQ_DEBUG"):
                     raise
-                except Exception as e:                           # one failing method does not stop the rest
-                    if os.environ.get("APIQ_DEBUG"):
-                        raise
-                    traceback.print_exc(limit=-3)
-                    print(f"error: {row} w{bits}: {type(e).__name__}: {e}", flush=True)
-                    failed.append(f"{row} w{bits}")
+                traceback.print_exc(limit=-3)
+                print(f"error: {row['name']} w{bits}: {type(e).__name__}: {e}", flush=True)
+                failed.append(f"{row['name']} w{bits}")
     shown = [r for r in sorted(rows.values(), key=order) if all(r.get(k) == v for k, v in same.items())]
-    print(f"\nSmolLM2-135M, asymmetric, group {GROUP}; perplexity on {a.limit} WikiText-2 and {a.c4_limit} C4 "
-          f"windows of {SEQLEN} tokens; minutes on {a.threads} thread(s)\n")
-    print(table(shown))
+    print(f"\nSmolLM2-135M, asymmetric, group {GROUP}; perplexity on the {a.split} split (" +
+          ", ".join(f"{d} {len(w)}" for d, w in windows.items()) + f" windows of {SEQLEN} tokens); "
+          f"minutes on {a.threads} thread(s); clock: within {ON_CLOCK['reference']:.0%} of the first day's "
+          f"reference and a mean load <= {ON_CLOCK['load']}\n")
+    print(table(shown, datasets))
     if skipped:
         print(f"\nskipped (not installed): {', '.join(sorted(skipped))}")
     if failed:
         print(f"\nfailed: {', '.join(failed)} (rerun the same command to retry them)")
         sys.exit(1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="fp hqq gptq autoround:iters=50", help="space-separated rows (see above)")
+    p.add_argument("--bits", default="2,3", help="comma-separated weight bits (default 2,3)")
+    p.add_argument("--split", choices=("tuning", "test"), default="tuning",
+                   help="tuning: WikiText-2 validation windows (every choice); test: WikiText-2 test and C4 (the table)")
+    p.add_argument("--limit", type=int, default=20, help="WikiText-2 windows of 2048 tokens (default 20)")
+    p.add_argument("--c4-limit", type=int, default=None, help="C4 windows of the test split (default: --limit; 0: none)")
+    p.add_argument("--adapter-bits", type=int, default=16, choices=(16, 32),
+                   help="bits of each adapter weight as stored (export.py --adapter-dtype; default fp16)")
+    p.add_argument("--reference", action="store_true", help="time the day's reference job alone, then stop")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in calibrate.py (default 1)")
+    p.add_argument("--out", default=None, help="models directory (default out/bench; with --smoke out/bench-smoke)")
+    p.add_argument("--json", default=None, help="results (default bench/results/benchmark_<split>.json; "
+                                                "--smoke: OUT/benchmark_smoke.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny budgets for every row: checks the code paths only")
+    a = p.parse_args(argv)
+    try:
+        a.rows = [parse_row(r) for r in a.rows.split()]
+        a.bits = [int(b) for b in a.bits.split(",") if b.strip()]
+    except ValueError as e:
+        p.error(str(e))
+    if not a.rows:
+        p.error("--rows: give at least one row")
+    if not a.bits or any(not 2 <= b <= 8 for b in a.bits):
+        p.error("--bits: comma-separated integers, each in 2..8")
+    a.c4_limit = a.limit if a.c4_limit is None else a.c4_limit
+    if a.limit <= 0 or a.c4_limit < 0 or a.threads <= 0:
+        p.error("--limit and --threads must be positive, --c4-limit >= 0")
+    a.out = Path(a.out or ("out/bench-smoke" if a.smoke else "out/bench")).resolve()   # calibrate.py runs in ROOT
+    a.json = Path(a.json).resolve() if a.json else (a.out / "benchmark_smoke.json" if a.smoke else
+                                                    ROOT / "bench" / "results" / f"benchmark_{a.split}.json")
+    return a
 
 
 def stop_on_term(signum, frame):

@@ -57,6 +57,19 @@ def bits_per_weight(export_dir) -> dict:
             "kept_params": sum(n for _, _, n in kept.values()), "kept_bits": sum(b for b, _, _ in kept.values())}
 
 
+def formula(shapes, bits, group, rank=0, adapter_bits=16, zero_bits=None, g_idx=True) -> dict:
+    """The same count written out from the linears' shapes [(out, in), ...], for a row that was not
+    exported (a peer's own packed form): per linear N-bit codes, per group of `group` inputs an
+    fp16 scale and a zero point of `zero_bits` (default N, packed; HQQ keeps a 16-bit float zero at
+    2 and 3 bits), an int32 g_idx per input (GPTQ's format), a rank-r adapter at `adapter_bits`."""
+    zero_bits = bits if zero_bits is None else zero_bits
+    weights = sum(o * i for o, i in shapes)
+    base = sum(o * i * bits + o * (i // group) * (16 + zero_bits) + (32 * i if g_idx else 0) for o, i in shapes)
+    adapter = sum(rank * (o + i) * adapter_bits for o, i in shapes)
+    return {"bits": bits, "group_size": group, "weights": weights, "base_bits_per_weight": base / weights,
+            "adapter_bits_per_weight": adapter / weights, "bits_per_weight": (base + adapter) / weights}
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         sys.exit("usage: python bench/bits_per_weight.py EXPORT_DIR   (a directory export.py --format gptq wrote)")

@@ -232,7 +232,7 @@ def test_bits_per_weight_counts_every_stored_tensor(tiny_ckpt, tmp_path):
     from lora import quant_linears
     from qmodel import load
     sys.path.insert(0, str(ROOT / "bench"))
-    from bits_per_weight import bits_per_weight
+    from bits_per_weight import bits_per_weight, formula
     src = quantize_tiny(tiny_ckpt, tmp_path / "q", "loftq", 2)
     export.export(src, tmp_path / "gptq", fmt="gptq")
     got = bits_per_weight(tmp_path / "gptq")
@@ -246,5 +246,8 @@ def test_bits_per_weight_counts_every_stored_tensor(tiny_ckpt, tmp_path):
     assert got["weights"] == n and got["bits"] == 2 and got["group_size"] == 32
     assert got["base_bits_per_weight"] == base / n and got["adapter_bits_per_weight"] == adapter / n
     assert got["bits_per_weight"] == (base + adapter) / n
+    shapes = [(m.out_features, m.in_features) for _, m in quant_linears(model)]
+    by_formula = formula(shapes, 2, 32, rank=next(quant_linears(model))[1].rank)   # the peers' count
+    assert all(by_formula[k] == got[k] for k in by_formula)
     export.export(src, tmp_path / "gptq32", fmt="gptq", adapter_dtype="fp32")           # twice the adapter's bits
     assert bits_per_weight(tmp_path / "gptq32")["adapter_bits_per_weight"] == 2 * adapter / n

@@ -1,0 +1,64 @@
+"""bench/bench_peers.py, the benchmark's protocol: rows and their settings, the tuning split read
+with no test file present, bits per weight and the clock recorded in every row."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_peers  # noqa: E402
+
+
+def test_rows_name_the_settings_they_change():
+    """A row is its method and the settings it changes from the peer's documented preset; ours
+    pass theirs to calibrate.py as flags."""
+    r = bench_peers.parse_row("autoround:iters=50,seqlen=256")
+    assert r["name"] == "autoround-iters50-seqlen256"
+    assert r["settings"] == bench_peers.DEFAULTS["autoround"] | {"iters": 50, "seqlen": 256}
+    assert bench_peers.parse_row("autoround:iters=200")["name"] == "autoround"       # its default: no change
+    assert bench_peers.parse_row("gptq:damp=0.01")["settings"]["damp"] == 0.01
+    a = bench_peers.parse_row("apiq:quick,rank=8,lr_lora=1e-3")
+    assert a["name"] == "apiq-quick-rank8-lr_lora0.001"
+    assert bench_peers.calibrate_flags(a["settings"]) == ["--quick", "--rank", "8", "--lr-lora", "0.001"]
+    assert bench_peers.family(a["name"]) == "apiq" and bench_peers.family("apiq-lw-quick") == "apiq-lw"
+    for bad, says in (("autoround:itres=5", "no setting itres"), ("awq", "unknown method 'awq'")):
+        with pytest.raises(ValueError, match=says):
+            bench_peers.parse_row(bad)
+
+
+def test_bad_rows_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "bench/bench_peers.py", "--rows", "gptq:dampp=0.1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "gptq has no setting dampp" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tuning_rows_read_no_test_file(data_dir, smollm2_gguf, tmp_path):
+    """A tuning run (full precision and RTN, one window) with wiki.test.raw absent: the rows are
+    WikiText-2 validation perplexities, with bits per weight (RTN 2-bit g64 in GPTQ's format:
+    2.326, bench/results/bits_per_weight_smollm2.json), the CPU and the load; no reference run
+    today, so not on the clock. Run again, it redoes nothing."""
+    d = tmp_path / "data" / "wikitext2_raw"
+    d.mkdir(parents=True)
+    for f in (data_dir / "wikitext2_raw").iterdir():
+        if f.name != "wiki.test.raw":
+            (d / f.name).symlink_to(f)
+    env = {"APIQ_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "bench/bench_peers.py", "--split", "tuning", "--rows", "fp rtn", "--bits", "2",
+           "--limit", "1", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "tuning.json")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {x["method"]: x for x in json.loads((tmp_path / "tuning.json").read_text())["rows"]}
+    assert set(rows) == {"fp", "rtn"}
+    fp, rtn = rows["fp"], rows["rtn"]
+    assert 1 < fp["wikitext2_valid"] < rtn["wikitext2_valid"] and "wikitext2" not in rtn
+    assert rtn["split"] == "tuning" and rtn["limit"] == 1 and rtn["rank"] == 0
+    assert abs(rtn["bits_per_weight"] - 2.3264) < 1e-3 and rtn["minutes"] > 0
+    assert rtn["machine"]["cpu"] and rtn["machine"]["load_max"] >= rtn["machine"]["load_mean"] >= 0
+    assert rtn["machine"]["reference_seconds"] is None and rtn["on_clock"] is False
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "rtn w2g64" not in again.stdout and "| rtn | 2 | 2.326 |" in again.stdout
+    test = subprocess.run(cmd[:3] + ["test"] + cmd[4:], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert test.returncode != 0 and "no WikiText-2 test file" in test.stderr, test.stderr[-2000:]
