@@ -92,23 +92,29 @@ def token_stream(tok, split="test", data_dir=None) -> torch.Tensor:
 
 
 def random_doc_windows(tok, docs, n, seqlen, seed):
-    """GPTQ's C4 sampler: n times, a random document longer than seqlen, a random window of it."""
+    """GPTQ's C4 sampler: n times, a random document longer than seqlen, a random window of it.
+    Returns (windows (n, seqlen), the indices of the documents they came from)."""
     rng, cache = random.Random(seed), {}
-    long_enough = 0
-    out = []
+    out, used = [], []
     for _ in range(n):
         for _attempt in range(100 * len(docs)):
             i = rng.randint(0, len(docs) - 1)
             if i not in cache:
                 cache[i] = tok.encode(docs[i], bos=True)
             if len(cache[i]) > seqlen:
-                long_enough += 1
                 break
         else:
             raise ValueError(f"no C4 document is longer than seqlen {seqlen} tokens: lower --seqlen")
         j = rng.randint(0, len(cache[i]) - seqlen - 1)
         out.append(torch.tensor(cache[i][j:j + seqlen]))
-    return torch.stack(out)                                                   # (n, seqlen)
+        used.append(i)
+    return torch.stack(out), used                                             # (n, seqlen), [n]
+
+
+def c4_eval_docs(tok, docs) -> set:
+    """The documents that the C4 test windows (256 of 2048 tokens, seed 0) come from: calibration
+    on C4 draws from the others only."""
+    return set(random_doc_windows(tok, docs, 256, 2048, seed=0)[1])
 
 
 def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
@@ -123,17 +129,20 @@ def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
             raise ValueError(f"WikiText-2 {split} has {ids.numel()} tokens, fewer than seqlen {seqlen}")
         return ids[: n * seqlen].view(n, seqlen)                              # (n, seqlen)
     if name == "c4":
-        return random_doc_windows(tok, c4_docs(data_dir), 256, seqlen, seed=0)
+        return random_doc_windows(tok, c4_docs(data_dir), 256, seqlen, seed=0)[0]
     raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS + (TUNING,))}")
 
 
 def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", data_dir=None) -> torch.Tensor:
     """Calibration windows (nsamples, seqlen), docs/method.md §4: WikiText-2 train joined with '\\n\\n',
-    window starts drawn with random.randint(0, N - seqlen - 1) from random.seed(seed)."""
+    window starts drawn with random.randint(0, N - seqlen - 1) from random.seed(seed); C4: GPTQ's
+    sampler over the documents that no C4 test window touches (c4_eval_docs)."""
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be positive")
-    if dataset == "c4":
-        return random_doc_windows(tok, c4_docs(data_dir), nsamples, seqlen, seed)
+    if dataset == "c4":                          # documents no C4 test window touches
+        docs = c4_docs(data_dir)
+        held = c4_eval_docs(tok, docs)
+        return random_doc_windows(tok, [d for i, d in enumerate(docs) if i not in held], nsamples, seqlen, seed)[0]
     if dataset != "wikitext2":
         raise ValueError(f"unknown dataset {dataset!r}: choose from {', '.join(DATASETS)}")
     ids = token_stream(tok, "train", data_dir)

@@ -35,6 +35,25 @@ def test_windows_follow_the_gptq_protocol(smollm2, data_dir):
         assert torch.equal(row, train[i:i + 256])
 
 
+def test_c4_calibration_touches_no_c4_test_document(smollm2, data_dir):
+    """Calibration on C4 draws its windows from the documents that no C4 test window comes from
+    (the test windows: 256 x 2048, seed 0): no calibration window is found in a test document, as
+    one was before (the same sampler and seed gave the test windows themselves)."""
+    from data import c4_docs, c4_eval_docs
+    _, tok = smollm2
+    docs = c4_docs(data_dir)
+    held = c4_eval_docs(tok, docs)
+    assert 0 < len(held) <= 256            # 62 with SmolLM2: few documents are longer than 2048 tokens
+    calib = calib_windows(tok, 8, 512, seed=0, dataset="c4", data_dir=data_dir)          # (8, 512)
+    test = ppl_windows("c4", tok, 2048, data_dir)
+    assert not torch.equal(calib_windows(tok, 1, 2048, seed=0, dataset="c4", data_dir=data_dir)[0], test[0])
+    for i in held:
+        ids = torch.tensor(tok.encode(docs[i], bos=True))
+        if ids.numel() >= 512:
+            spans = ids.unfold(0, 512, 1)                          # every 512-token span of the document
+            assert not (spans[:, None, :] == calib[None]).all(-1).any(), i
+
+
 def test_finetune_text_with_validation_is_train_then_validation_never_test(smollm2, data_dir):
     _, tok = smollm2
     train, valid, test = (token_stream(tok, s, data_dir) for s in ("train", "validation", "test"))
