@@ -23,8 +23,9 @@ METHODS = {m.name: m.label for m in qmodel.METHODS.values()} | {
     "apiq-bw-sal-after": "ApiQ-bw + saliency (AfterLoRA)",
     "apiq-bw-sal-before": "ApiQ-bw + saliency (BeforeLoRA)",
 }
-DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation"}   # perplexity sets: their titles
-WINDOWS = {"wikitext2": "limit", "c4": "c4_limit"}   # bench_peers.py's peers.json: each set's window count
+DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation",   # perplexity sets: their titles
+            "wikitext2_valid": "WikiText-2 validation (the tuning set)"}
+WINDOWS = {"wikitext2": "limit", "c4": "c4_limit", "wikitext2_valid": "limit"}   # bench_peers.py rows: window counts
 PEERS = ("hqq", "gptq", "autoround")                 # bench_peers.py's other tools (ours: rtn, loftq, apiq)
 
 

@@ -192,6 +192,25 @@ def test_peers_plot_and_row_families(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in r.stdout
 
 
+def test_peers_plot_reads_the_benchmark_json(tmp_path, monkeypatch):
+    """plots/peers.py on a bench_peers.py JSON file (not a directory): the tuning split's perplexity
+    against bits per weight; each family's line runs through its rows that nothing beats on both
+    axes; a row off the clock is drawn but not on a line."""
+    import json
+    monkeypatch.syspath_prepend(str(ROOT / "plots"))
+    import peers
+    assert peers.frontier([(2, 50.0), (1, 80.0), (3, 60.0), (4, 40.0)]) == [(1, 80.0), (2, 50.0), (4, 40.0)]
+    rows = [dict(method="fp", bits=32, minutes=0.0, wikitext2_valid=13.7, limit=20, on_clock=True)]
+    rows += [dict(method=m, bits=2, minutes=t, bits_per_weight=bpw, wikitext2_valid=p, limit=20, on_clock=ok)
+             for m, t, bpw, p, ok in (("autoround-iters50", 20.0, 2.33, 60.0, True), ("autoround", 40.0, 2.33, 55.0, True),
+                                      ("apiq-quick-rank8", 9.0, 2.69, 90.0, True), ("gptq", 3.0, 2.33, 900.0, False))]
+    f = tmp_path / "benchmark_tuning.json"
+    f.write_text(json.dumps({"rows": rows}))
+    png = tmp_path / "bits.png"
+    r = sh("plots/peers.py", f, "--dataset", "wikitext2_valid", "--x", "bits_per_weight", "--out", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in r.stdout
+
+
 def test_adapter_stats_are_population_moments(monkeypatch):
     """plots/adapters.py's skew and excess kurtosis on large samples of known distributions:
     uniform (0, -1.2), Gaussian (0, 0), exponential (2, 6); std is the population one."""
