@@ -17,6 +17,13 @@ of it divided by the option's length in characters.
 
     python evaluate.py --ppl '' --tasks all --json out/fp_zs.json
 
+--task-part held_out (or dev) scores only that part of each task (tasks.split with seed 0, the part
+finetune.py --data commonsense never trains on); --generate-answers also scores each item as ApiQ's
+official commonsense evaluation does (finetuning/compute_metrics.py): the answer generated greedily
+from the commonsense_170k prompt (examples.py), correct when it names the gold option exactly.
+
+    python evaluate.py --ckpt out/q-ft-commonsense --ppl '' --tasks all --task-part held_out --generate-answers
+
 Generation (--prompt): the prompt in one pass, then a token a pass with a KV cache (llama.KVCache),
 greedy by default, --temperature / --top-p to sample, streamed to the terminal, stopping at EOS.
 
@@ -39,6 +46,7 @@ from tqdm import tqdm
 
 from cli import DEFAULT_DEVICE, DTYPES, arg, check_device, default_dtype, parse_config, run, write_json
 from data import DATASETS, TUNING, ppl_windows
+from examples import GEN_TOKENS, TRIGGER, commonsense_example, is_correct, task_parts
 from llama import KVCache, check_seqlen
 from lora import is_quantized, weight_errors
 from qmodel import load
@@ -184,6 +192,28 @@ def zero_shot(model, tok, task, items, batch_size=1) -> dict:
     return {"acc": acc / n, "acc_norm": acc_norm / n if task in ACC_NORM else None, "n": n}
 
 
+def generation_accuracy(model, tok, task, items, max_new_tokens=GEN_TOKENS, samples=3) -> dict:
+    """ApiQ's official commonsense evaluation (finetuning/compute_metrics.py, greedy decoding): the
+    answer generated from the commonsense_170k prompt of each item (examples.commonsense_example),
+    32 new tokens at most or up to EOS, is correct when the text after "the correct answer is " is
+    exactly the gold option's name (examples.is_correct). An item whose prompt leaves no room for
+    max_new_tokens in the model's context counts as wrong (`too_long`). `samples`: the first few
+    generations, kept for the log."""
+    correct = too_long = 0
+    shown = []
+    for item in tqdm(items, desc=f"{task} (generate)", unit="item", leave=False):
+        ex = commonsense_example(task, item)
+        gold = ex.answer.removeprefix(TRIGGER)
+        if len(tok.encode(ex.prompt, bos=True)) + max_new_tokens > model.args.max_seq_len:
+            too_long += 1
+            continue
+        text = generate(model, tok, ex.prompt, max_new_tokens)
+        correct += is_correct(text, gold)
+        if len(shown) < samples:
+            shown.append({"gold": gold, "generated": text})
+    return {"acc": correct / len(items), "n": len(items), "too_long": too_long, "samples": shown}
+
+
 @torch.no_grad()
 def activation_errors(model, ref, windows) -> list[dict]:
     """ApiQ paper fig. 4: how far the quantized model's hidden states drift from the full-precision
@@ -219,6 +249,12 @@ class Config:
     limit: Optional[int] = arg(None, "only the first N windows of each perplexity dataset", type=int)
     skip: int = arg(0, "start after the first N windows of each perplexity dataset (with --limit: windows N..N+limit-1)")
     task_limit: Optional[int] = arg(None, "only the first N items of each task (default --limit)", type=int)
+    task_part: str = arg("all", "which items of each task: all (the whole file, as lm-eval), or the dev or held_out "
+                         "part of tasks.split (finetune.py --data commonsense trains on the rest)",
+                         choices=("all", "dev", "held_out"))
+    generate_answers: bool = arg(False, "also score --tasks by generating the answer from the commonsense_170k prompt "
+                                 "(ApiQ's official commonsense evaluation: greedy, 32 tokens, exact match; meaningful "
+                                 "after finetune.py --data commonsense)")
     errors: bool = arg(False, "activation error per block and weight error per linear against full precision (figs. 3-4)")
     ref: Optional[str] = arg(None, "full-precision checkpoint for --errors and --prompt (default: the model's source)")
     error_windows: int = arg(1, "WikiText-2 test windows for the activation error")
@@ -239,6 +275,11 @@ class Config:
 
     def __post_init__(self):
         self.dtype = self.dtype or default_dtype(self.device)
+
+
+def task_part_items(name, part="all", data_dir=None) -> list:
+    """A task's items: the whole file, or the dev or held_out part of examples.task_parts."""
+    return load_task(name, data_dir) if part == "all" else getattr(task_parts(name, data_dir), part)
 
 
 def parse_list(s, allowed, what):
@@ -279,12 +320,22 @@ def print_tables(results, seqlen):
         for name, ppl in results["ppl"].items():
             print(f"| {name:10} | {results['tokens'][name] // seqlen:7d} | {ppl:10.3f} |")
     if results.get("zeroshot"):
-        print(f"\n| {'task':13} | {'n':>5} | {'acc':>6} | {'acc_norm':>8} |")
-        print(f"|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 10}|")
-        for name, r in results["zeroshot"].items():
-            norm = "-" if r["acc_norm"] is None else f"{100 * r['acc_norm']:.2f}"
-            print(f"| {name:13} | {r['n']:5d} | {100 * r['acc']:6.2f} | {norm:>8} |")
-        print(f"| {'average (acc)':13} | {'':5} | {100 * results['zeroshot_avg']:6.2f} | {'':8} |")
+        print_task_table(results["zeroshot"], results.get("zeroshot_generated"))
+
+
+def print_task_table(zeroshot: dict, generated: dict = None):
+    """acc and acc_norm of each task (log-likelihood scoring) and, where given, the accuracy of the
+    generated answers; the last row their averages."""
+    gen = f" {'generated':>9} |" if generated else ""
+    print(f"\n| {'task':13} | {'n':>5} | {'acc':>6} | {'acc_norm':>8} |{gen}")
+    print(f"|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 10}|" + ("-" * 11 + "|" if generated else ""))
+    for name, r in zeroshot.items():
+        norm = "-" if r["acc_norm"] is None else f"{100 * r['acc_norm']:.2f}"
+        gen = f" {100 * generated[name]['acc']:9.2f} |" if generated else ""
+        print(f"| {name:13} | {r['n']:5d} | {100 * r['acc']:6.2f} | {norm:>8} |{gen}")
+    mean = lambda rs: 100 * sum(r["acc"] for r in rs.values()) / len(rs)          # noqa: E731
+    gen = f" {mean(generated):9.2f} |" if generated else ""
+    print(f"| {'average (acc)':13} | {'':5} | {mean(zeroshot):6.2f} | {'':8} |{gen}")
 
 
 def generations(model, tok, cfg) -> dict:
@@ -321,7 +372,8 @@ def main(cfg: Config):
     check_device(cfg.device, DTYPES[cfg.dtype])
     if cfg.max_new_tokens <= 0 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError("--max-new-tokens must be positive, --temperature >= 0, --top-p in (0, 1]")
-    items = {name: load_task(name, cfg.data_dir)[: cfg.task_limit or cfg.limit] for name in tasks}  # fail early
+    items = {name: task_part_items(name, cfg.task_part, cfg.data_dir)[: cfg.task_limit or cfg.limit]
+             for name in tasks}                                                              # fail early
     ref_ckpt = reference_ckpt(cfg) if cfg.errors else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -345,6 +397,8 @@ def main(cfg: Config):
     for name, task_items in items.items():
         t = time.time()
         results.setdefault("zeroshot", {})[name] = zero_shot(model, tok, name, task_items, cfg.batch_size)
+        if cfg.generate_answers:
+            results.setdefault("zeroshot_generated", {})[name] = generation_accuracy(model, tok, name, task_items)
         results["seconds"][name] = round(time.time() - t, 2)
     if items:
         # The average is of acc on all five tasks, acc_norm on none: the papers' full-precision

@@ -8,6 +8,7 @@
 #   FT_LOSS=kd bash results.sh ft-apiq-bw-w2                # finetune.py --loss kd from OUT/apiq-bw-w2
 #   bash results.sh study-none-w2-s0 study-r0.3-w2-s1       # the saliency study (Cao & Aref Tables 1-2): below
 #   bash results.sh bench-reference bench-tune-peers-w2   # the benchmark: the day's clock, the peers' tuning rows
+#   bash results.sh bench-tune-apiq-w2                    # ... and ApiQ-bw's (a second single-thread lane)
 #   bash results.sh peers           # the older headline table (bench/bench_peers.py before the protocol)
 #   PPL= bash results.sh eval-apiq-bw-w2     # activation/weight errors (+ zero-shot) only, for the figures
 #   PAPER_BLOCKS=8 bash results.sh calib-bw-paper-w2   # ApiQ-bw from the paper's start, first 8 blocks (fig. 5)
@@ -34,6 +35,10 @@ STUDY_ITEMS=${STUDY_ITEMS:-0}   # saliency study: zero-shot items per task (0: n
 # their presets and AutoRound at its light (50) and default (200) iterations, at ~10, 20, 40 minutes
 PEER_TUNING=${PEER_TUNING:-"fp hqq gptq autoround:iters=50,seqlen=256 autoround:iters=200,batch_size=2,seqlen=256
   autoround:iters=50 autoround:iters=200,batch_size=2 autoround:iters=50,seqlen=1024 autoround:iters=200,batch_size=4"}
+# ApiQ-bw's tuning rows on the same clock: the paper's adapter share (rank 8 here) and rank 64, the
+# --quick recipe and longer budgets (issue 35's levers join as their flags land)
+APIQ_TUNING=${APIQ_TUNING:-"apiq:quick,rank=8 apiq:quick,rank=8,nsamples=64,epochs=3 apiq:quick,rank=8,dtype=bf16
+  apiq:quick apiq:quick,rank=8,nsamples=64,epochs=6"}
 FT_TAG=$([ "$FT_LOSS" = kd ] && echo -kd || true)
 mkdir -p "$OUT"
 
@@ -136,6 +141,8 @@ step() {
     # first, then rows one thread each, resumable row by row, into bench/results/benchmark_*.json
     bench-reference) say python bench/bench_peers.py --reference --threads 1 --out "$OUT/bench" ;;
     bench-tune-peers-w[0-9]) say python bench/bench_peers.py --split tuning --bits "${1##*-w}" --rows "$PEER_TUNING" \
+        --threads 1 --out "$OUT/bench" ;;
+    bench-tune-apiq-w[0-9]) say python bench/bench_peers.py --split tuning --bits "${1##*-w}" --rows "fp $APIQ_TUNING" \
         --threads 1 --out "$OUT/bench" ;;
     # the older headline table's rows (RESULTS.md), made again under the protocol's clock into
     # OUT/peers.json: the peers at the settings of then (GPTQ damp 1% without act-order, AutoRound
