@@ -419,6 +419,18 @@ QUANTIZE = {"hqq": quantize_hqq, "gptq": quantize_gptq, "autoround": quantize_au
 
 # ----------------------------------------------------------------------------- timed rows
 
+def timed_peer(method, bits, settings, a):
+    """(what QUANTIZE[method] returns, seconds, load) of one peer run, timed from a fresh load of
+    the full-precision model to its weights in memory, less what the peer says to leave out."""
+    from checkpoints import load
+    with LoadMeter() as meter:
+        t0 = time.time()
+        fp_model, tok = load("smollm2-135m")                     # the clock starts with the load
+        result = QUANTIZE[method](fp_model, tok, bits, settings, a)
+        seconds = time.time() - t0 - result[2]
+    return result, seconds, meter.summary()
+
+
 def run_peer(row, bits, a):
     """(dequantized weights, seconds, notes, bits_per_weight arguments, machine) of a peer row:
     quantized here from a fresh load of the full-precision model, or read back from
@@ -426,7 +438,6 @@ def run_peer(row, bits, a):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from checkpoints import load
     from cli import atomic_write
     f = a.out / "models" / f"{row['name']}-w{bits}{'-smoke' if a.smoke else ''}.safetensors"
     if f.exists():
@@ -435,12 +446,8 @@ def run_peer(row, bits, a):
         print(f"  the weights from {f} ({meta['seconds'] / 60:.1f} min when made)", flush=True)
         return load_file(str(f)), meta["seconds"], meta["notes"], meta["packed"], meta["machine"]
     settings = row["settings"] | (SMOKE.get(row["method"], {}) if a.smoke else {})
-    with LoadMeter() as meter:
-        t0 = time.time()
-        fp_model, tok = load("smollm2-135m")                     # the clock starts with the load
-        weights, notes, excluded, packed = QUANTIZE[row["method"]](fp_model, tok, bits, settings, a)
-        seconds = time.time() - t0 - excluded
-    machine = clock(a) | meter.summary() | {"threads": a.threads}
+    (weights, notes, _, packed), seconds, loadavg = timed_peer(row["method"], bits, settings, a)
+    machine = clock(a) | loadavg | {"threads": a.threads}
     f.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous() for k, v in weights.items()}
     meta = {"seconds": seconds, "notes": notes, "packed": packed, "machine": machine}
@@ -546,24 +553,19 @@ def table(rows, datasets) -> str:
 
 def reference(a):
     """Time the reference job alone and add it to reference.json: the day's clock."""
-    from checkpoints import load
     from cli import write_json
     s = DEFAULTS["autoround"] | {k: v for k, v in REFERENCE.items() if k != "bits"}
-    with LoadMeter() as meter:
-        t0 = time.time()
-        fp_model, tok = load("smollm2-135m")
-        quantize_autoround(fp_model, tok, REFERENCE["bits"], s, a)
-        seconds = time.time() - t0
+    _, seconds, loadavg = timed_peer("autoround", REFERENCE["bits"], s, a)
     path = reference_path(a)
     days = json.loads(path.read_text())["days"] if path.exists() else []
     days.append({"date": today(), "cpu": cpu_model(), "seconds": round(seconds, 2), "threads": a.threads,
-                 **meter.summary()})
+                 **loadavg})
     write_json(path, {"job": f"auto-round {REFERENCE['bits']} bits, {s['nsamples']} x {s['seqlen']} tokens, "
                              f"{s['iters']} iterations, its defaults otherwise; from loading the model",
                       "days": days})
     first = days[0]["seconds"]
     print(f"reference: {seconds:.1f} s ({seconds / first:.3f} x the first day's {first:.1f} s), load "
-          f"{meter.summary()['load_mean']}; {path}")
+          f"{loadavg['load_mean']}; {path}")
 
 
 def main(a):
