@@ -41,7 +41,8 @@ from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears
 from qmodel import INITS, METHODS, check_linears, load, quantize_model, require_fp, round_kept_params, save_quantized
 from quant import validate
-from recipes import LONG, QUICK, SCHEDULES, clamp_offsets, lr_factor, preset, rounding_group, svd_start
+from recipes import (LONG, QUICK, SCHEDULES, BestStep, SignSGD, clamp_offsets, lr_factor, preset, rounding_group,
+                     svd_start)
 from runs import (block_errors, load_block, made_by, output_dir, print_log, refuse_finished, resume_blocks,
                   save_block, save_progress)
 from saliency import make_penalty
@@ -88,20 +89,28 @@ def lw_objective(name, lin, x, xq, w, penalty=None, l=0):
 def train(linears, objective, n, cfg, desc, lr_scale=1.0, optimizer=torch.optim.AdamW):
     """AdamW with the paper's two parameter groups, clipping logits and LoRA factors (and the
     rounding offsets of --learn-rounding), cfg.epochs passes over the n windows in fixed order,
-    cfg.batch_size windows a step. objective(slice) -> (loss, parts). Returns False if a loss
-    went non-finite (the caller retries with lower learning rates)."""
+    cfg.batch_size windows a step. --sign-steps: the clipping logits and offsets take signed steps
+    instead (recipes.SignSGD); --best-step: the parameters of the lowest-loss step are kept
+    (recipes.BestStep). objective(slice) -> (loss, parts). Returns False if a loss went non-finite
+    (the caller retries with lower learning rates)."""
     linears = list(linears)
     clip = [p for m in linears for p in m.clip_parameters()]
     lora = [p for m in linears for p in m.lora_parameters()]
     groups = [{"params": clip, "lr": cfg.lr_clip * lr_scale}, {"params": lora, "lr": cfg.lr_lora * lr_scale}]
     groups += rounding_group(linears, cfg.lr_round * lr_scale)
-    opt = optimizer(groups, weight_decay=cfg.wd)
-    for p in (p for g in groups for p in g["params"]):
+    params = [p for g in groups for p in g["params"]]
+    if cfg.sign_steps:                      # A, B keep AdamW; the quantizer's parameters step by their sign
+        opts = [optimizer([groups[1]], weight_decay=cfg.wd), SignSGD([groups[0], *groups[2:]])]
+    else:
+        opts = [optimizer(groups, weight_decay=cfg.wd)]
+    for p in params:
         p.requires_grad_(True)
         p.grad = None
     starts = range(0, n, cfg.batch_size)
     total = cfg.epochs * len(starts)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(cfg.lr_schedule, k, total))  # paper: constant
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: lr_factor(cfg.lr_schedule, k, total))  # paper: constant
+              for o in opts]
+    best = BestStep(params) if cfg.best_step else None
     bar = tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=1.0)
     for _ in range(cfg.epochs):
         for i in starts:
@@ -109,14 +118,20 @@ def train(linears, objective, n, cfg, desc, lr_scale=1.0, optimizer=torch.optim.
             if not torch.isfinite(loss):
                 bar.close()
                 return False
-            opt.zero_grad(set_to_none=True)
+            if best:
+                best.see(loss.item())       # the parameters that gave this loss, before the update
+            for o in opts:
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            for o, sched in zip(opts, scheds):
+                o.step()
+                sched.step()
             clamp_offsets(linears)
             bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()}, refresh=False)
             bar.update()
     bar.close()
+    if best:
+        best.restore()
     return True
 
 
@@ -312,6 +327,10 @@ class Config:
     learn_rounding: bool = arg(False, "beyond the paper: also learn a rounding offset per weight in [-0.5, 0.5] "
                                "(AutoRound); the codes stay N-bit")
     lr_round: float = arg(5e-3, "AdamW learning rate of the rounding offsets (--learn-rounding)")
+    sign_steps: bool = arg(False, "beyond the paper: the clipping logits and rounding offsets step by "
+                           "-lr sign(grad) (AutoRound's optimiser) at --lr-clip / --lr-round; A, B keep AdamW")
+    best_step: bool = arg(False, "beyond the paper: each block ends at its lowest-loss step's parameters "
+                          "(AutoRound's best iteration), not its last")
     lora_init: str = arg("standard", "A, B at the start of a block: standard (A random, B = 0; paper) or svd "
                          "(rank-r SVD of W - Q(W), one LoftQ step)", choices=("standard", "svd"))
     dataset: str = arg("wikitext2", "calibration text", choices=("wikitext2", "c4"))

@@ -11,6 +11,11 @@ options buy most of its quality in minutes (measured in bench/bench_recipes.py; 
   its own AdamW group without weight decay, clamped after every step. The codes stay N-bit.
 - schedules (--lr-schedule): the learning rates decay to 0 over a block's steps, linearly or
   along a cosine; the finetuning recipe of ApiQ's official scripts uses the cosine (finetune.py).
+- signed steps (--sign-steps): the clipping logits and rounding offsets move by a fixed step
+  against the sign of their gradient, p <- p - lr sign(dL/dp), AutoRound's optimiser (SignRound,
+  Cheng et al. 2023, section 3; docs/method.md section 9); A and B keep AdamW.
+- best step (--best-step): a block ends at the parameters of its lowest-loss step, not its last
+  (AutoRound keeps its best iteration the same way).
 - presets: --quick and --long of calibrate.py, --quick of finetune.py. --quick and --long also set
   compile=True: speed only, fastpath.accelerate's devices with the compiled quantizer.
 
@@ -56,6 +61,38 @@ def svd_start(m):
     B, A = svd_split(m.weight.float() - m.qweight().float(), m.rank, m.scaling)
     m.B.copy_(B)                                                                  # (out, r)
     m.A.copy_(A)                                                                  # (r, in)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """--sign-steps: p <- p - lr * sign(dL/dp) for every parameter with a gradient (no moments, no
+    weight decay); the step size is the group's lr, which the schedule decays."""
+
+    def __init__(self, groups, lr=1e-3):
+        super().__init__(groups, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-g["lr"])
+
+
+class BestStep:
+    """--best-step: a copy of `params` as they were at the step with the lowest loss so far; the loss
+    of a step is computed before its update, so the copy is taken before optimizer.step()."""
+
+    def __init__(self, params):
+        self.params, self.loss, self.kept = list(params), math.inf, None
+
+    def see(self, loss: float):
+        if loss < self.loss:
+            self.loss, self.kept = loss, [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def restore(self):
+        for p, kept in zip(self.params, self.kept or []):
+            p.copy_(kept)
 
 
 def rounding_group(linears, lr):

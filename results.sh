@@ -35,10 +35,12 @@ STUDY_ITEMS=${STUDY_ITEMS:-0}   # saliency study: zero-shot items per task (0: n
 # their presets and AutoRound at its light (50) and default (200) iterations, at ~10, 20, 40 minutes
 PEER_TUNING=${PEER_TUNING:-"fp hqq gptq autoround:iters=50,seqlen=256 autoround:iters=200,batch_size=2,seqlen=256
   autoround:iters=50 autoround:iters=200,batch_size=2 autoround:iters=50,seqlen=1024 autoround:iters=200,batch_size=4"}
-# ApiQ-bw's tuning rows on the same clock: the paper's adapter share (rank 8 here) and rank 64, the
-# --quick recipe and longer budgets (issue 35's levers join as their flags land)
-APIQ_TUNING=${APIQ_TUNING:-"apiq:quick,rank=8 apiq:quick,rank=8,nsamples=64,epochs=3 apiq:quick,rank=8,dtype=bf16
-  apiq:quick apiq:quick,rank=8,nsamples=64,epochs=6"}
+# ApiQ-bw's tuning rows on the same clock: the paper's adapter share (rank 8 here), issue 35's levers
+# on --quick (signed steps at AutoRound's step rule 1/steps: 1/64 for --quick's 64 steps; the best
+# step; four windows a step), rank 64, and a longer budget
+APIQ_TUNING=${APIQ_TUNING:-"apiq:quick,rank=8 apiq:quick,rank=8,sign_steps,lr_round=0.016 apiq:quick,rank=8,best_step
+  apiq:quick,rank=8,sign_steps,lr_round=0.016,best_step apiq:quick,rank=8,batch_size=4,epochs=8 apiq:quick
+  apiq:quick,rank=8,nsamples=64,epochs=3"}
 FT_TAG=$([ "$FT_LOSS" = kd ] && echo -kd || true)
 mkdir -p "$OUT"
 
