@@ -16,6 +16,8 @@ X its input in the full-precision model, X^q its input in the model quantized so
           + ||F(W, X^q) - F_q(X^q)||^2        --aug-loss, as the official scripts
           + lambda_l sum_i alpha_i (w_i - W_eff,i)^2   --saliency: Cao & Aref (arXiv 2504.13932) eq. (2)
     4.   freeze; X <- Y, X^q <- F_q(X^q); next block
+    5.   --e2e-epochs, beyond the paper: the step sizes (and A, B) of the whole model trained end
+         to end on the windows' next-token cross-entropy (e2e.py; EfficientQAT's E2E-QP)
 
 ||.||^2 is the mean square over the output's elements. ApiQ-lw trains one linear at a time on
 ||X W^T - X^q (Q + s B A)^T||^2. The data-free inits (rtn, qlora, loftq) are lora.py's.
@@ -37,6 +39,7 @@ import fastpath
 from cli import (DEFAULT_DEVICE, DTYPES, arg, as_flags, check_device, check_writable, default_dtype, parse_config,
                  peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
 from data import calib_windows
+from e2e import end_to_end
 from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears
 from qmodel import INITS, METHODS, check_linears, load, quantize_model, require_fp, round_kept_params, save_quantized
@@ -331,6 +334,11 @@ class Config:
                            "-lr sign(grad) (AutoRound's optimiser) at --lr-clip / --lr-round; A, B keep AdamW")
     best_step: bool = arg(False, "beyond the paper: each block ends at its lowest-loss step's parameters "
                           "(AutoRound's best iteration), not its last")
+    e2e_epochs: int = arg(0, "beyond the paper: passes over the calibration windows of an end-to-end stage after "
+                          "the blocks (e2e.py, EfficientQAT's E2E-QP): the step sizes and A, B on next-token "
+                          "cross-entropy; 0: none (paper)")
+    e2e_lr_scale: float = arg(2e-5, "--e2e-epochs: AdamW learning rate of the step sizes (EfficientQAT's at 2 bits)")
+    e2e_lr_lora: float = arg(5e-4, "--e2e-epochs: AdamW learning rate of A and B (0: they stay as calibrated)")
     lora_init: str = arg("standard", "A, B at the start of a block: standard (A random, B = 0; paper) or svd "
                          "(rank-r SVD of W - Q(W), one LoftQ step)", choices=("standard", "svd"))
     dataset: str = arg("wikitext2", "calibration text", choices=("wikitext2", "c4"))
@@ -370,6 +378,10 @@ def check_config(cfg):
     validate(cfg.bits, cfg.group_size, cfg.group_size)
     if min(cfg.nsamples, cfg.seqlen, cfg.epochs, cfg.batch_size, cfg.loftq_iters) <= 0 or cfg.rank < 0:
         raise ValueError("--nsamples, --seqlen, --epochs, --batch-size and --loftq-iters must be positive, --rank >= 0")
+    if cfg.e2e_epochs < 0 or cfg.e2e_lr_scale < 0 or cfg.e2e_lr_lora < 0:
+        raise ValueError("--e2e-epochs, --e2e-lr-scale and --e2e-lr-lora must be >= 0")
+    if cfg.e2e_epochs and cfg.method in INITS:
+        raise ValueError(f"--e2e-epochs trains on the calibration windows: --method bw or lw, not {cfg.method}")
     if cfg.rank == 0 and cfg.method not in ("rtn",):
         raise ValueError(f"--method {cfg.method} needs a LoRA rank > 0")
     check_device(cfg.device, DTYPES[cfg.dtype] if cfg.method not in INITS else None)   # the inits compute in fp32
@@ -407,7 +419,11 @@ def main(cfg: Config):
         logs = calibrate_blocks(model, tokens, cfg, out, done, penalty)
         if logs is None:
             return out
-        write_json(out / "calib_log.json", {"config": asdict(cfg), "blocks": logs})
+        e2e = None
+        if cfg.e2e_epochs:                                                                      # 5.
+            e2e = end_to_end(model, tokens, cfg.e2e_epochs, cfg.e2e_lr_scale, cfg.e2e_lr_lora, cfg.device)
+            print(f"end to end: {len(e2e)} steps, loss {e2e[0]['loss']:.4f} -> {e2e[-1]['loss']:.4f}")
+        write_json(out / "calib_log.json", {"config": asdict(cfg), "blocks": logs, "end_to_end": e2e})
     seconds = time.time() - t0
     save_quantized(model, tok, out, made_by(asdict(cfg), calibration_seconds=round(seconds, 1),
                                             load_seconds=round(load_seconds, 1)))

@@ -128,7 +128,8 @@ def print_log(log, n_layers, prev_target_ms):
 # the settings of calibration on data, which the data-free inits do not use
 DATA_SETTINGS = ("nsamples", "seqlen", "epochs", "batch_size", "seed", "lr_clip", "lr_lora", "wd", "aug_loss",
                  "dataset", "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty", "sal_ratio",
-                 "lr_schedule", "learn_rounding", "lr_round", "sign_steps", "best_step", "lora_init", "stop_after",
+                 "lr_schedule", "learn_rounding", "lr_round", "sign_steps", "best_step", "e2e_epochs",
+                 "e2e_lr_scale", "e2e_lr_lora", "lora_init", "stop_after",
                  "data_dir", "quick", "long")
 
 

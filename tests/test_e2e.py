@@ -1,0 +1,61 @@
+"""calibrate.py --e2e-epochs (e2e.py): after the same block-wise pass, the end-to-end stage changes
+only the step sizes and A, B, never a code or a zero point, and lowers the next-token loss on the
+windows it trained on; the model it saves is the model it trained."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data import calib_windows  # noqa: E402
+from e2e import next_token_loss  # noqa: E402
+from qmodel import load_quantized  # noqa: E402
+
+
+def calibrate(ckpt, out, data_dir, *extra):
+    cmd = [sys.executable, "calibrate.py", "--ckpt", str(ckpt), "--out", str(out), "--nsamples", "4", "--seqlen",
+           "64", "--epochs", "2", "--group-size", "32", "--rank", "8", "--threads", "1", "--data-dir",
+           str(data_dir), *extra]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return load_file(out / "model.safetensors")
+
+
+def test_end_to_end_stage_trains_scales_and_adapters_only(tiny_ckpt, tmp_path, data_dir):
+    plain = calibrate(tiny_ckpt, tmp_path / "plain", data_dir)
+    e2e = calibrate(tiny_ckpt, tmp_path / "e2e", data_dir, "--e2e-epochs", "3", "--e2e-lr-scale", "1e-3",
+                    "--e2e-lr-lora", "1e-3")
+    assert plain.keys() == e2e.keys()
+    moved = {kind: 0 for kind in ("scale", "A", "B")}
+    for k, t in plain.items():
+        kind = k.rsplit(".", 1)[-1]
+        if kind in moved:
+            moved[kind] += not torch.equal(t, e2e[k])
+            assert t.dtype == e2e[k].dtype, k                      # stored as before
+        else:                                                      # codes, zeros, norms, embeddings
+            assert torch.equal(t, e2e[k]), k
+    n_linears = sum(k.endswith(".scale") for k in plain)
+    assert all(n == n_linears for n in moved.values()), moved
+    log = json.loads((tmp_path / "e2e" / "calib_log.json").read_text())["end_to_end"]
+    assert len(log) == 3 * 4 and all(step["loss"] > 0 for step in log)
+    # the saved model is the trained one: lower loss on the windows it trained on than without the stage
+    m_plain, tok = load_quantized(tmp_path / "plain")
+    m_e2e, _ = load_quantized(tmp_path / "e2e")
+    x = calib_windows(tok, 4, 64, 0, "wikitext2", str(data_dir))   # calibrate.py's windows (seed 0)
+    with torch.no_grad():
+        assert next_token_loss(m_e2e, x).item() < next_token_loss(m_plain, x).item() - 0.01
+    # --e2e-lr-scale 0: the scales stay as the blocks left them, A and B alone train
+    lora_only = calibrate(tiny_ckpt, tmp_path / "lora", data_dir, "--e2e-epochs", "1", "--e2e-lr-scale", "0")
+    for k, t in plain.items():
+        assert torch.equal(t, lora_only[k]) != k.endswith((".A", ".B")), k
+
+
+def test_end_to_end_needs_calibration_data(tiny_ckpt, tmp_path):
+    run = subprocess.run([sys.executable, "calibrate.py", "--ckpt", str(tiny_ckpt), "--method", "loftq",
+                          "--e2e-epochs", "1", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "--e2e-epochs" in run.stderr and "Traceback" not in run.stderr
