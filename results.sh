@@ -10,6 +10,7 @@
 #   bash results.sh bench-reference bench-tune-peers-w2   # the benchmark: the day's clock, the peers' tuning rows
 #   bash results.sh bench-tune-apiq-w2                    # ... and ApiQ-bw's (a second single-thread lane)
 #   bash results.sh peers           # the older headline table (bench/bench_peers.py before the protocol)
+#   bash results.sh tasks-apiq-bw-w2-s0 tasks-loftq-w2-s0   # the task study (ApiQ fig. 1): below
 #   PPL= bash results.sh eval-apiq-bw-w2     # activation/weight errors (+ zero-shot) only, for the figures
 #   PAPER_BLOCKS=8 bash results.sh calib-bw-paper-w2   # ApiQ-bw from the paper's start, first 8 blocks (fig. 5)
 #
@@ -130,6 +131,26 @@ step() {
         --out "$OUT/saliency-c4" ;;
     study-*-w[0-9]-s[0-9]*) study "${1#study-}" ;;
     figures-study) say python plots/saliency_study.py "$OUT/study" ;;
+    # the task study (ApiQ fig. 1): tasks-<start>-w<bits>-s<seed> finetunes from a start with
+    # finetune.py --data commonsense (the five tasks' train parts, the official multitask settings; the
+    # same recipe for every start, --seed the example order) into OUT/tasks/; before (seed 0 only: the
+    # start is the same) and after, each task's 300 held-out items by both scorings (~1 h a run on one
+    # core). <start>: qlora, loftq, apiq-bw (calib-* steps: --quick, rank 64); tasks-fp-s<seed>: full
+    # precision + LoRA. tasks-table: bench/results/task_study.json and figures/task_study.png.
+    tasks-fp-s[0-9]*) local s=${1##*-s}
+      [ -f "$OUT/tasks/fp-lora-s$s/finetune_log.json" ] || say python finetune.py --ckpt smollm2-135m --fp-lora \
+        --data commonsense --seed "$s" --threads "$THREADS" --out "$OUT/tasks/fp-lora-s$s" ;;
+    tasks-*-w[0-9]-s[0-9]*) local run=${1#tasks-}; local start=${run%-w*} b=${run##*-w} s=${run##*-s}; b=${b%-s*}
+      case $start in
+        qlora|loftq) step "calib-$start-w$b" ;;
+        apiq-bw) step "calib-bw-w$b" ;;
+        *) echo "results.sh: $1: tasks-<start>-w<bits>-s<seed>, start qlora, loftq or apiq-bw" >&2; exit 2 ;;
+      esac
+      local before=()
+      [ "$s" = 0 ] && before=(--eval-before)
+      [ -f "$OUT/tasks/$run/finetune_log.json" ] || say python finetune.py --ckpt "$OUT/$start-w$b" \
+        --data commonsense --seed "$s" ${before[@]+"${before[@]}"} --threads "$THREADS" --out "$OUT/tasks/$run" ;;
+    tasks-table) say python plots/task_study.py "$OUT/tasks" --json bench/results/task_study.json ;;
     calib-bw-w[0-9]) calib "apiq-bw-w${1#calib-bw-w}" --bits "${1#calib-bw-w}" ;;
     calib-bw-paper-w[0-9]) calib_paper "${1#calib-bw-paper-w}" ;;
     calib-lw-w[0-9]) calib "apiq-lw-w${1#calib-lw-w}" --method lw --bits "${1#calib-lw-w}" ;;

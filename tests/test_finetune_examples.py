@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -281,6 +282,19 @@ def test_a_local_prompt_answer_file_end_to_end(tiny_qlora, tmp_path):
                                       task_part="held_out", generate_answers=True, threads=1))
     assert r["zeroshot_generated"]["piqa"]["acc"] == piqa["acc"]
     assert r["zeroshot"]["piqa"]["acc"] == summary["eval"]["tasks"]["zeroshot"]["piqa"]["acc"]
+    # the task study's collector and figure (plots/task_study.py) read the run as results.sh names it
+    sys.path.insert(0, str(ROOT / "plots"))
+    import task_study as study
+    (tmp_path / "study").mkdir()
+    (tmp_path / "ft").rename(tmp_path / "study" / "qlora-w2-s0")
+    study.main(SimpleNamespace(results=str(tmp_path / "study"), json=str(tmp_path / "study.json"),
+                               out=str(tmp_path / "tasks.png")))
+    row, = json.loads((tmp_path / "study.json").read_text())["rows"]
+    p = piqa["acc"]
+    assert (row["start"], row["bits"], row["seed"], row["before"]) == ("qlora", 2, 0, None)
+    assert row["after"]["generated"]["avg"] == p and row["after"]["generated"]["se"] == pytest.approx(
+        math.sqrt(p * (1 - p) / 2))
+    assert (tmp_path / "tasks.png").stat().st_size > 10_000
 
 
 def test_an_official_set_by_name_reads_through_datasets(tiny_qlora, tmp_path, monkeypatch):
