@@ -400,7 +400,9 @@ def quantize_autoround(fp_model, tok, bits, s, a):
               batch_size=s["batch_size"], device_map="cpu", amp=bool(s["amp"]))
     if s["compile"] is not None:
         kw["enable_torch_compile"] = bool(s["compile"])
-    model, _ = AutoRound(hf, tokenizer=hf_tokenizer(), **kw).quantize()
+    ar = AutoRound(hf, tokenizer=hf_tokenizer(), **kw)
+    model, _ = ar.quantize()
+    amp = getattr(getattr(ar, "model_context", None), "amp", bool(s["amp"]))   # off where the CPU lacks bf16
     weights = {}
     for name, m in model.named_modules():
         if hasattr(m, "weight") and getattr(m, "in_features", None):
@@ -410,7 +412,8 @@ def quantize_autoround(fp_model, tok, bits, s, a):
     lr = s["lr"] or f"1/iters = {1 / s['iters']:g}"
     # its export (auto_gptq / auto_round format) packs as GPTQ: N-bit codes and zeros, fp16 scales
     return (weights, f"auto-round {auto_round.__version__}: {s['nsamples']} x {s['seqlen']} tokens, iters "
-                     f"{s['iters']}, lr {lr}, batch {s['batch_size']}, amp {'bf16' if s['amp'] else 'off (fp32)'}, "
+                     f"{s['iters']}, lr {lr}, batch {s['batch_size']}, amp {'bf16' if amp else 'off (fp32)'}"
+                     f"{' (asked: bf16; this CPU lacks it)' if s['amp'] and not amp else ''}, "
                      f"torch.compile {'default' if s['compile'] is None else bool(s['compile'])}", 0.0, dict(g_idx=True))
 
 
