@@ -38,11 +38,12 @@ PEER_TUNING=${PEER_TUNING:-"fp hqq gptq autoround:iters=50,seqlen=256 autoround:
   autoround:iters=50 autoround:iters=200,batch_size=2 autoround:iters=50,seqlen=1024 autoround:iters=200,batch_size=4"}
 # ApiQ-bw's tuning rows on the same clock: the paper's adapter share (rank 8 here), issue 35's levers
 # on --quick one at a time (signed steps at AutoRound's step rule 1/steps: 1/64 for --quick's 64
-# steps; the best step; the end-to-end stage, with and without the step sizes; four windows a step),
-# then a longer budget and rank 64
+# steps; the best step; the end-to-end stage, with and without the step sizes), the two that helped
+# together (docs/recipes.md), then four windows a step, a longer budget and rank 64
 APIQ_TUNING=${APIQ_TUNING:-"apiq:quick,rank=8 apiq:quick,rank=8,sign_steps,lr_round=0.016 apiq:quick,rank=8,best_step
-  apiq:quick,rank=8,e2e_epochs=1 apiq:quick,rank=8,e2e_epochs=1,e2e_lr_scale=0 apiq:quick,rank=8,batch_size=4,epochs=8
-  apiq:quick,rank=8,nsamples=64,epochs=3 apiq:quick"}
+  apiq:quick,rank=8,e2e_epochs=1 apiq:quick,rank=8,e2e_epochs=1,e2e_lr_scale=0
+  apiq:quick,rank=8,sign_steps,lr_round=0.016,e2e_epochs=1 apiq:quick,rank=8,sign_steps,lr_round=0.016,e2e_epochs=2
+  apiq:quick,rank=8,batch_size=4,epochs=8 apiq:quick,rank=8,nsamples=64,epochs=3 apiq:quick"}
 FT_TAG=$([ "$FT_LOSS" = kd ] && echo -kd || true)
 mkdir -p "$OUT"
 
