@@ -19,20 +19,14 @@ run killed inside it replays the saved blocks and runs the stage again.
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from finetune import lm_loss
 from lora import quant_linears
 from quant import dequantize, unpack
 from recipes import lr_factor
 
 MAX_GRAD_NORM = 0.3   # EfficientQAT's E2E-QP scripts (--max_grad_norm 0.3)
-
-
-def next_token_loss(model, x):
-    """- mean log p(x_{t+1} | x_{<=t}) over the B x (T - 1) predicted positions of windows x (B, T)."""
-    logits = model(x)                                                          # (B, T, vocab)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
 
 
 def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu") -> list:
@@ -69,7 +63,7 @@ def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu") -> list:
                 t0 = time.time()
                 for m, c in zip(lins, codes):          # (out, in): Q(W) from the fixed codes, eq. (6)
                     m.q_cache = dequantize(c, m.scale, m.zero.float(), m.group_size)
-                loss = next_token_loss(model, tokens[i:i + 1].to(device))
+                loss = lm_loss(model, tokens[i:i + 1].to(device))   # next-token cross-entropy
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"end-to-end stage: the loss became {loss.item()} at step {len(log)}; "
                                              f"lower --e2e-lr-scale / --e2e-lr-lora")

@@ -11,13 +11,12 @@ blocks, so what does not grow with the steps (loading, caching the block inputs,
 
 ApiQ-bw: calibrate.calibrate_blocks with the recipe's flags (--apiq, as bench_peers.py writes a
 row: "quick,rank=8,batch_size=4"), --epochs varied. AutoRound: auto_round.AutoRound on a transformers
-copy (bench_peers.to_hf), its defaults (batch 8 windows of 512 tokens a step, its CPU dtype and
+copy (bench_peers.quantize_autoround, as a benchmark row), its defaults (batch 8 windows of 512 tokens a step, its CPU dtype and
 torch.compile default), --iters varied. Same calibration windows (WikiText-2 train) for both.
 
     python bench/bench_step.py [--apiq quick,rank=8] [--blocks 2] [--threads 1] [--json bench/results/step_tokens.json]
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -55,21 +54,15 @@ def apiq_seconds(settings: dict, epochs: int, blocks: int) -> tuple:
 
 
 def autoround_seconds(iters: int, blocks: int) -> tuple:
-    """(wall seconds, steps a block, tokens a step) of AutoRound at its defaults on the cut model."""
-    from auto_round import AutoRound
-
-    from bench_peers import DEFAULTS, GROUP, hf_tokenizer, to_hf
+    """(wall seconds, steps a block, tokens a step) of AutoRound at its defaults on the cut model,
+    as a benchmark row runs it (bench_peers.quantize_autoround)."""
+    from bench_peers import DEFAULTS, quantize_autoround
     from checkpoints import load
-    from data import calib_windows
-    s = DEFAULTS["autoround"]
+    s = DEFAULTS["autoround"] | {"iters": iters}
     model, tok = load("smollm2-135m", device="cpu", dtype=None)
-    hf = to_hf(cut(model, blocks))
-    windows = calib_windows(tok, s["nsamples"], s["seqlen"], seed=0)                # (n, T)
-    kw = dict(bits=2, group_size=GROUP, sym=False, dataset=list(windows.split(s["batch_size"])),
-              nsamples=s["nsamples"], seqlen=s["seqlen"], iters=iters, batch_size=s["batch_size"],
-              device_map="cpu", amp=bool(s["amp"]))
+    cut(model, blocks)
     t0 = time.perf_counter()
-    AutoRound(hf, tokenizer=hf_tokenizer(), **kw).quantize()
+    quantize_autoround(model, tok, 2, s, None)
     return time.perf_counter() - t0, iters, s["batch_size"] * s["seqlen"]
 
 

@@ -145,27 +145,33 @@ def test_svd_start_and_learned_rounding():
     assert block_error(qb, X, Y, freqs) < block_error(calibrate.quant_block(fp, a, seed=0), X, Y, freqs)
 
 
-def test_sign_steps_move_each_quantizer_parameter_by_the_step_size():
-    """--sign-steps: one step moves every clipping logit and rounding offset by exactly lr (the
-    schedule's lr at step 0) against its gradient's sign, where the gradient is non-zero (and the
-    offset's clamp to [-0.5, 0.5] allows); A and B take AdamW's step as without the flag."""
+def random_block(n):
+    """A random block (dim 64), n windows X (n, 16, 64) of noise, its RoPE and outputs Y = F(W, X)."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128))
     model.requires_grad_(False)
     fp = model.layers[0]
-    X = torch.randn(2, 16, 64)
+    X = torch.randn(n, 16, 64)
     freqs = model.freqs_cis(16, "cpu")
-    Y = calibrate.run_block(fp, X, freqs, "cpu")
+    return fp, X, freqs, calibrate.run_block(fp, X, freqs, "cpu")
+
+
+def test_sign_steps_move_each_quantizer_parameter_by_the_step_size():
+    """--sign-steps: one step moves every clipping logit and rounding offset by exactly lr (the
+    schedule's lr at step 0) against its gradient's sign, where the gradient is non-zero (and the
+    offset's clamp to [-0.5, 0.5] allows); A and B take AdamW's step as without the flag."""
+    fp, X, freqs, Y = random_block(2)
     ends = {}
     for signed in (False, True):
         a = args(learn_rounding=True, lr_clip=0.03, lr_round=0.02, epochs=1, batch_size=2, sign_steps=signed)
         qb = calibrate.quant_block(fp, a, seed=0)
         lins = [m for _, m in calibrate.quant_linears(qb)]
         loss, _ = calibrate.bw_objective(qb, X, Y, freqs)
-        grads = torch.autograd.grad(loss, [p for m in lins for p in m.clip_parameters() + m.round_parameters()])
-        before = [p.detach().clone() for m in lins for p in m.clip_parameters() + m.round_parameters()]
+        quantizer = [p for m in lins for p in m.clip_parameters() + m.round_parameters()]
+        grads = torch.autograd.grad(loss, quantizer)
+        before = [p.detach().clone() for p in quantizer]
         assert calibrate.train(lins, lambda i: calibrate.bw_objective(qb, X[i], Y[i], freqs), 2, a, "t")
-        after = [p.detach() for m in lins for p in m.clip_parameters() + m.round_parameters()]
+        after = [p.detach() for p in quantizer]
         ends[signed] = [p.detach().clone() for m in lins for p in m.lora_parameters()]
         if signed:
             kinds = [k for m in lins for k in ["clip"] * len(m.clip_parameters()) + ["offset"]]
@@ -183,13 +189,7 @@ def test_sign_steps_move_each_quantizer_parameter_by_the_step_size():
 def test_best_step_keeps_the_parameters_of_the_lowest_loss_step():
     """--best-step: after training, the objective on the best step's windows gives that step's
     loss again (the block holds the parameters it was computed with), and it is the lowest seen."""
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128))
-    model.requires_grad_(False)
-    fp = model.layers[0]
-    X = torch.randn(4, 16, 64)
-    freqs = model.freqs_cis(16, "cpu")
-    Y = calibrate.run_block(fp, X, freqs, "cpu")
+    fp, X, freqs, Y = random_block(4)
     # a learning rate high enough that the last step is not the best one
     a = args(learn_rounding=True, lr_lora=3e-2, lr_clip=0.3, epochs=6, batch_size=1, best_step=True)
     qb = calibrate.quant_block(fp, a, seed=0)

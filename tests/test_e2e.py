@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import calib_windows  # noqa: E402
-from e2e import next_token_loss  # noqa: E402
+from finetune import lm_loss  # noqa: E402
 from qmodel import load_quantized  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def test_end_to_end_stage_trains_scales_and_adapters_only(tiny_ckpt, tmp_path, d
     m_e2e, _ = load_quantized(tmp_path / "e2e")
     x = calib_windows(tok, 4, 64, 0, "wikitext2", str(data_dir))   # calibrate.py's windows (seed 0)
     with torch.no_grad():
-        assert next_token_loss(m_e2e, x).item() < next_token_loss(m_plain, x).item() - 0.01
+        assert lm_loss(m_e2e, x).item() < lm_loss(m_plain, x).item() - 0.01
     # --e2e-lr-scale 0: the scales stay as the blocks left them, A and B alone train
     lora_only = calibrate(tiny_ckpt, tmp_path / "lora", data_dir, "--e2e-epochs", "1", "--e2e-lr-scale", "0")
     for k, t in plain.items():
