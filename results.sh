@@ -9,6 +9,7 @@
 #   bash results.sh study-none-w2-s0 study-r0.3-w2-s1       # the saliency study (Cao & Aref Tables 1-2): below
 #   bash results.sh bench-reference bench-tune-peers-w2   # the benchmark: the day's clock, the peers' tuning rows
 #   bash results.sh bench-tune-apiq-w2                    # ... and ApiQ-bw's (a second single-thread lane)
+#   bash results.sh bench-test-w2 bench-best-w2           # then the test split: the rows chosen on the tuning set
 #   bash results.sh peers           # the older headline table (bench/bench_peers.py before the protocol)
 #   bash results.sh tasks-apiq-bw-w2-s0 tasks-loftq-w2-s0   # the task study (ApiQ fig. 1): below
 #   PPL= bash results.sh eval-apiq-bw-w2     # activation/weight errors (+ zero-shot) only, for the figures
@@ -169,6 +170,16 @@ step() {
         --threads 1 --out "$OUT/bench" ;;
     bench-tune-apiq-w[0-9]) say python bench/bench_peers.py --split tuning --bits "${1##*-w}" --rows "fp $APIQ_TUNING" \
         --threads 1 --out "$OUT/bench" ;;
+    # the test split, read only by rows chosen on the tuning set (bench_peers.py --rows tuned / best):
+    # every tuning row on the clock at 20 windows of WikiText-2 test and of C4 (the curves), then the
+    # best of each method in each time budget at 40 windows each and on the full WikiText-2 test. The
+    # models are the tuning rows' (OUT/bench/models): nothing is quantized again where they are there
+    bench-test-w[0-9]) say python bench/bench_peers.py --split test --bits "${1##*-w}" --rows tuned --limit 20 \
+        --threads 1 --out "$OUT/bench" ;;
+    bench-best-w[0-9]) say python bench/bench_peers.py --split test --bits "${1##*-w}" --rows best --limit 40 \
+        --threads 1 --out "$OUT/bench" --json bench/results/benchmark_test40.json
+      say python bench/bench_peers.py --split test --bits "${1##*-w}" --rows best --limit 0 \
+        --threads 1 --out "$OUT/bench" --json bench/results/benchmark_test_full.json ;;
     # the older headline table's rows (RESULTS.md), made again under the protocol's clock into
     # OUT/peers.json: the peers at the settings of then (GPTQ damp 1% without act-order, AutoRound
     # light in fp32), ours at --quick and longer budgets; 2 and 3 bits, 4 bits with ours

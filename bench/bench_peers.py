@@ -23,7 +23,8 @@ tuning set, every stored bit counted. The protocol (docs/benchmarks.md#the-proto
 
     python bench/bench_peers.py --reference                                      # once a day, first
     python bench/bench_peers.py --split tuning --bits 2 --rows "hqq gptq autoround:iters=50,seqlen=256"
-    python bench/bench_peers.py --split test --limit 20 --rows "autoround:iters=50"  # after every choice
+    python bench/bench_peers.py --split test --limit 20 --rows tuned    # after every choice: the tuning rows
+    python bench/bench_peers.py --split test --limit 40 --rows best     # the best of each method and budget
     python bench/bench_peers.py --smoke --rows "hqq gptq autoround apiq:quick"    # the code paths, tiny budgets
 
 Rows (--rows, space-separated): METHOD or METHOD:SETTING=VALUE,... (a bare SETTING means a flag):
@@ -38,6 +39,9 @@ Rows (--rows, space-separated): METHOD or METHOD:SETTING=VALUE,... (a bare SETTI
   apiq, apiq-lw, loftq, qlora, rtn
              calibrate.py --method bw / lw / loftq / qlora / rtn with the settings as flags
              (apiq:quick,rank=8 -> calibrate.py --method bw --quick --rank 8)
+  tuned      (--split test) every row of the tuning JSON (--tuning) on the clock, as it was tuned
+  best       (--split test) of those, the lowest tuning perplexity of each method in each time budget
+             (BUDGETS: at most 20 and at most 40 minutes), within BEST_BITS_OVER bits/weight of the bits
 A row is named by its method and the settings it changes (autoround-iters50-seqlen256); plots
 group rows by the name's first part. Results: --json (default bench/results/benchmark_<split>.json;
 --smoke: OUT/benchmark_smoke.json), a row written atomically as soon as it is evaluated; a row
@@ -82,6 +86,11 @@ SMOKE = {  # --smoke: the same code paths on tiny budgets (numbers meaningless)
 }
 REFERENCE = dict(bits=2, nsamples=8, seqlen=256, iters=10)   # --reference: the day's clock, ~1-2 min alone
 ON_CLOCK = dict(load=2.5, reference=0.05)     # a row's mean load at most; its day's reference within 5%
+# --rows best: per method and bits, the lowest tuning perplexity within each time budget (minutes at
+# most the bound: a faster row competes in every budget above it), among rows with at most the paper's adapter share on top of a packed base (issue 35:
+# AutoRound's bits + 0.4; a rank-8 adapter adds 0.37, rank 64's 2.94 does not fit)
+BUDGETS = (20, 40)
+BEST_BITS_OVER = 0.75
 TORCH_PIN = "-c <(echo torch==2.13.0)"                  # keeps pip from touching the torch build
 INSTALL = {  # method -> (module it imports, PyPI package, the command that installs it: requirements-bench.txt)
     "hqq": ("hqq", "hqq", f"pip install {TORCH_PIN} hqq==0.2.8.post1"),
@@ -126,6 +135,28 @@ def parse_row(spec: str) -> dict:
         settings = changed = given
     name = method + "".join(f"-{k}" if v is True else f"-{k}{v}" for k, v in changed.items())
     return {"name": name, "method": method, "settings": settings}
+
+
+def tuned_rows(path: Path, bits: int, best: bool) -> list:
+    """The test split's rows, chosen on the tuning set (--rows tuned / best): every row of the tuning
+    JSON at `bits` that is on the clock, or only the best of each method in each budget (BUDGETS,
+    BEST_BITS_OVER). Each row with its name and settings as tuned, so its model is reused."""
+    if not path.exists():
+        raise ValueError(f"--rows tuned/best read the tuning rows, and {path} does not exist: run --split tuning first")
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["bits"] == bits and r["method"] != "fp"
+            and r["on_clock"] and r.get("wikitext2_valid") is not None]
+    if best:
+        chosen = {}
+        for r in rows:
+            if r["bits_per_weight"] > bits + BEST_BITS_OVER or r["minutes"] > BUDGETS[-1]:
+                continue
+            for budget in (b for b in BUDGETS if r["minutes"] <= b):      # a 12-min row competes at 20 and 40
+                key = (family(r["method"]), budget)
+                if key not in chosen or r["wikitext2_valid"] < chosen[key]["wikitext2_valid"]:
+                    chosen[key] = r
+        rows = list({r["method"]: r for r in chosen.values()}.values())
+    return [{"name": r["method"], "method": family(r["method"]), "settings": r["settings"]}
+            for r in sorted(rows, key=order)]
 
 
 def calibrate_flags(settings: dict) -> list:
@@ -517,8 +548,8 @@ def eval_windows(a, tok) -> dict:
     """{dataset: windows (n, 2048)} of the split: the tuning set reads WikiText-2 validation only."""
     from data import TUNING, ppl_windows
     if a.split == "tuning":
-        return {"wikitext2_valid": ppl_windows(TUNING, tok, SEQLEN)[:a.limit]}
-    w = {"wikitext2": ppl_windows("wikitext2", tok, SEQLEN)[:a.limit]}
+        return {"wikitext2_valid": ppl_windows(TUNING, tok, SEQLEN)[:a.limit or None]}
+    w = {"wikitext2": ppl_windows("wikitext2", tok, SEQLEN)[:a.limit or None]}
     if a.c4_limit:
         w["c4"] = ppl_windows("c4", tok, SEQLEN)[:a.c4_limit]
     return w
@@ -594,7 +625,9 @@ def main(a):
         return r is not None and all(r.get(k) == v for k, v in same.items())
 
     skipped = set()
-    for r in a.rows:
+    plan = {bits: a.rows if a.rows not in ("tuned", "best") else     # {bits: [row, ...]}
+            [parse_row("fp"), *tuned_rows(a.tuning, bits, best=a.rows == "best")] for bits in a.bits}
+    for r in [r for rows_of in plan.values() for r in rows_of]:
         m = r["method"]
         if m in INSTALL and m not in skipped and importlib.util.find_spec(INSTALL[m][0]) is None:
             print(f"skip {m}: the package {INSTALL[m][1]} is not installed; to install it: {INSTALL[m][2]}")
@@ -607,7 +640,7 @@ def main(a):
           f" windows x {SEQLEN} tokens; threads {a.threads}; results {a.json}" + ("; SMOKE budgets" if a.smoke else ""))
     failed = []
     for bits in a.bits:
-        for row in a.rows:
+        for row in plan[bits]:
             if row["method"] in skipped:
                 continue
             key = (row["name"], 32 if row["method"] == "fp" else bits)
@@ -667,11 +700,16 @@ def main(a):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="fp hqq gptq autoround:iters=50", help="space-separated rows (see above)")
+    p.add_argument("--rows", default="fp hqq gptq autoround:iters=50",
+                   help="space-separated rows (see above); with --split test also 'tuned' (every row of the "
+                        "tuning JSON on the clock) or 'best' (the best of each method in each time budget)")
+    p.add_argument("--tuning", default=str(ROOT / "bench" / "results" / "benchmark_tuning.json"),
+                   help="the tuning rows that --rows tuned/best read (default bench/results/benchmark_tuning.json)")
     p.add_argument("--bits", default="2,3", help="comma-separated weight bits (default 2,3)")
     p.add_argument("--split", choices=("tuning", "test"), default="tuning",
                    help="tuning: WikiText-2 validation windows (every choice); test: WikiText-2 test and C4 (the table)")
-    p.add_argument("--limit", type=int, default=20, help="WikiText-2 windows of 2048 tokens (default 20)")
+    p.add_argument("--limit", type=int, default=20,
+                   help="WikiText-2 windows of 2048 tokens (default 20; 0: every window, the full test set)")
     p.add_argument("--c4-limit", type=int, default=None, help="C4 windows of the test split (default: --limit; 0: none)")
     p.add_argument("--adapter-bits", type=int, default=16, choices=(16, 32),
                    help="bits of each adapter weight as stored (export.py --adapter-dtype; default fp16)")
@@ -683,7 +721,12 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny budgets for every row: checks the code paths only")
     a = p.parse_args(argv)
     try:
-        a.rows = [parse_row(r) for r in a.rows.split()]
+        if a.rows.strip() in ("tuned", "best"):
+            if a.split != "test":
+                raise ValueError(f"--rows {a.rows.strip()}: the tuning set's rows on the test split; give --split test")
+            a.rows, a.tuning = a.rows.strip(), Path(a.tuning).resolve()
+        else:
+            a.rows = [parse_row(r) for r in a.rows.split()]
         a.bits = [int(b) for b in a.bits.split(",") if b.strip()]
     except ValueError as e:
         p.error(str(e))
@@ -692,8 +735,8 @@ def parse_args(argv=None):
     if not a.bits or any(not 2 <= b <= 8 for b in a.bits):
         p.error("--bits: comma-separated integers, each in 2..8")
     a.c4_limit = a.limit if a.c4_limit is None else a.c4_limit
-    if a.limit <= 0 or a.c4_limit < 0 or a.threads <= 0:
-        p.error("--limit and --threads must be positive, --c4-limit >= 0")
+    if a.limit < 0 or a.c4_limit < 0 or a.threads <= 0:
+        p.error("--limit and --c4-limit must be >= 0 (--limit 0: every window), --threads positive")
     a.out = Path(a.out or ("out/bench-smoke" if a.smoke else "out/bench")).resolve()   # calibrate.py runs in ROOT
     a.json = Path(a.json).resolve() if a.json else (a.out / "benchmark_smoke.json" if a.smoke else
                                                     ROOT / "bench" / "results" / f"benchmark_{a.split}.json")

@@ -35,6 +35,40 @@ def test_bad_rows_are_one_line(tmp_path):
     assert r.returncode == 2 and "gptq has no setting dampp" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_test_rows_are_the_tuning_sets_choices(tmp_path):
+    """--rows tuned / best on the test split: the rows of the tuning JSON as tuned (name and settings,
+    so their models are reused), on the clock only; best = the lowest tuning perplexity of each method
+    in each time budget, among rows within BEST_BITS_OVER bits of a packed base."""
+    def row(method, bits, minutes, ppl, bpw, on_clock=True, settings=None):
+        return dict(method=method, bits=bits, minutes=minutes, wikitext2_valid=ppl, bits_per_weight=bpw,
+                    on_clock=on_clock, settings=settings or {})
+    rows = [row("fp", 32, 0, 19.8, None),
+            row("autoround-iters50-seqlen256", 2, 16.3, 82.8, 2.33, settings={"iters": 50, "seqlen": 256}),
+            row("autoround-batch_size2-seqlen256", 2, 18.1, 86.4, 2.33),
+            row("autoround-iters50", 2, 33.9, 66.6, 2.33),
+            row("apiq-quick-rank8", 2, 9.0, 119.6, 2.69, settings={"quick": True, "rank": 8}),
+            row("apiq-quick-rank8-e2e_epochs2", 2, 16.2, 74.6, 2.69),
+            row("apiq-quick", 2, 9.1, 50.0, 5.27),                          # rank 64: over the bits
+            row("apiq-quick-rank8-best_step", 2, 8.9, 40.0, 2.69, on_clock=False),
+            row("apiq-long-rank8", 2, 45.0, 30.0, 2.69),                    # over the last budget
+            row("autoround-iters50", 3, 33.9, 26.8, 3.34),
+            row("apiq-quick-rank8", 3, 9.0, 23.1, 3.71), row("apiq-quick-rank8-x", 3, 30.0, 25.0, 3.71)]
+    f = tmp_path / "tuning.json"
+    f.write_text(json.dumps({"rows": rows}))
+    best = bench_peers.tuned_rows(f, 2, best=True)
+    assert [r["name"] for r in best] == ["apiq-quick-rank8-e2e_epochs2", "autoround-iters50-seqlen256",
+                                         "autoround-iters50"]
+    assert best[1] == {"name": "autoround-iters50-seqlen256", "method": "autoround",
+                       "settings": {"iters": 50, "seqlen": 256}}
+    assert [r["name"] for r in bench_peers.tuned_rows(f, 3, best=True)] == ["apiq-quick-rank8", "autoround-iters50"]
+    tuned = {r["name"] for r in bench_peers.tuned_rows(f, 2, best=False)}
+    assert "apiq-quick-rank8-best_step" not in tuned and "apiq-quick" in tuned and len(tuned) == 7
+    assert bench_peers.calibrate_flags(bench_peers.tuned_rows(f, 2, False)[0]["settings"]) == ["--quick", "--rank", "8"]
+    r = subprocess.run([sys.executable, "bench/bench_peers.py", "--rows", "best", "--split", "tuning",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "give --split test" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_tuning_rows_read_no_test_file(data_dir, smollm2_gguf, tmp_path):
     """A tuning run (full precision and RTN, one window) with wiki.test.raw absent: the rows are
     WikiText-2 validation perplexities, with bits per weight (RTN 2-bit g64 in GPTQ's format:
