@@ -44,7 +44,7 @@ from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears
 from qmodel import INITS, METHODS, check_linears, load, quantize_model, require_fp, round_kept_params, save_quantized
 from quant import validate
-from recipes import (LONG, QUICK, SCHEDULES, BestStep, SignSGD, clamp_offsets, lr_factor, preset, rounding_group,
+from recipes import (LONG, LONG_E2E, QUICK, QUICK_E2E, SCHEDULES, BestStep, SignSGD, clamp_offsets, lr_factor, preset, rounding_group,
                      svd_start)
 from runs import (block_errors, load_block, made_by, output_dir, print_log, refuse_finished, resume_blocks,
                   save_block, save_progress)
@@ -354,6 +354,10 @@ class Config:
                                choices=tuple(DTYPES), type=str)
     quick: bool = arg(False, f"the CPU recipe (SmolLM2: < 10 min on one core): {as_flags(QUICK)}", result=False)
     long: bool = arg(False, f"the long CPU recipe (SmolLM2: ~1 h on one core): {as_flags(LONG)}", result=False)
+    quick_e2e: bool = arg(False, "--quick at rank 8 with signed steps and the end-to-end stage, chosen against "
+                          f"AutoRound (SmolLM2: ~16 min on one core): {as_flags(QUICK_E2E)}", result=False)
+    long_e2e: bool = arg(False, f"the same on 64 windows (SmolLM2: ~31 min on one core): {as_flags(LONG_E2E)}",
+                         result=False)
     out: Optional[str] = arg(None, "output directory (default out/<ckpt>-<method>-w<bits>g<group>)", result=False)
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
     stop_after: Optional[int] = arg(None, "calibrate this many blocks, then stop (the same command continues)",
@@ -370,8 +374,9 @@ class Config:
 
 
 def make_config(**given) -> Config:
-    """Config from the given settings, --quick's or --long's recipe filling what was not given."""
-    return Config(**preset(given, QUICK, LONG))
+    """Config from the given settings, the preset named (--quick, --long, --quick-e2e, --long-e2e)
+    filling what was not given."""
+    return Config(**preset(given, quick=QUICK, long=LONG, quick_e2e=QUICK_E2E, long_e2e=LONG_E2E))
 
 
 def check_config(cfg):
@@ -389,7 +394,7 @@ def check_config(cfg):
 
 def main(cfg: Config):
     check_config(cfg)
-    recipe = "-quick" if cfg.quick else "-long" if cfg.long else ""
+    recipe = next((f"-{n.replace('_', '-')}" for n in ("quick", "long", "quick_e2e", "long_e2e") if getattr(cfg, n)), "")
     out = output_dir(cfg.out, cfg.ckpt, f"out/{{name}}-{METHODS[cfg.method].name}-w{cfg.bits}g{cfg.group_size}{recipe}")
     check_writable(out)
     if cfg.method in INITS:

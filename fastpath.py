@@ -3,7 +3,7 @@ fewer passes over the weights or less memory, installed by one explicit call,
 
     qblock, penalty, AdamW = fastpath.accelerate(qblock, penalty, compile=False)
 
-which calibrate.py makes with --fast (and --compile, --quick, --long) and finetune.py with
+which calibrate.py makes with --fast (and --compile and every preset) and finetune.py with
 --packed. Without it the concept files run their formulas as written. accelerate returns:
 
 - the module with every lora.QuantLinear swapped for a FastQuantLinear (the same tensors):

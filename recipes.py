@@ -16,8 +16,15 @@ options buy most of its quality in minutes (measured in bench/bench_recipes.py; 
   Cheng et al. 2023, section 3; docs/method.md section 9); A and B keep AdamW.
 - best step (--best-step): a block ends at the parameters of its lowest-loss step, not its last
   (AutoRound keeps its best iteration the same way).
-- presets: --quick and --long of calibrate.py, --quick of finetune.py. --quick and --long also set
-  compile=True: speed only, fastpath.accelerate's devices with the compiled quantizer.
+- the end-to-end stage (--e2e-epochs, e2e.py): after the block-wise pass the step sizes and A, B
+  train on the whole model's next-token loss (EfficientQAT's E2E-QP, arXiv 2407.11062 section 3.3).
+- presets: --quick, --long, --quick-e2e and --long-e2e of calibrate.py, --quick of finetune.py;
+  each also sets compile=True: speed only, fastpath.accelerate's devices with the compiled quantizer.
+  --quick-e2e and --long-e2e are the recipes chosen against AutoRound on the benchmark's tuning set
+  (WikiText-2 validation, 2 bits; docs/recipes.md): rank 8, --quick's block-wise pass with signed
+  steps and two epochs of the end-to-end stage (SmolLM2: ~16 min on one core), and the same on 64
+  windows (~31 min). They were chosen at 2 bits; at 3 bits the tuning set preferred --quick --rank 8
+  --e2e-epochs 1.
 
     python calibrate.py --quick          # = the flags of QUICK below
 """
@@ -32,17 +39,24 @@ CPU_OPTIONS = dict(lora_init="svd", learn_rounding=True, lr_schedule="cosine", l
 # --quick: 32 x 512 x 2 since the speed devices (was 32 x 256 x 2: about the same minutes before them)
 QUICK = dict(nsamples=32, seqlen=512, epochs=2, aug_loss=False, compile=True, **CPU_OPTIONS)
 LONG = dict(nsamples=64, seqlen=512, epochs=4, compile=True, **CPU_OPTIONS)
+# against AutoRound at ~16 and ~31 min (2 bits): rank 8 (on SmolLM2 the paper's adapter share of the
+# linears, rank 64 on Llama-2-7B: +0.37 bits per weight), signed steps at AutoRound's step size
+# 1/steps (1/64 for --quick's 32 windows x 2 epochs, 1/128 for 64 windows), 2 epochs end to end
+QUICK_E2E = QUICK | dict(rank=8, sign_steps=True, lr_round=0.016, e2e_epochs=2)
+LONG_E2E = QUICK_E2E | dict(nsamples=64, lr_round=0.008)
 # finetune.py: the local WikiText-2 train text (68k tokens) once in 256-token windows, 16 windows
 # a step, a higher rate for the few steps
 FINETUNE_QUICK = dict(seqlen=256, epochs=1, batch_size=4, grad_accum=4, lr=1e-3, eval_limit=10)
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def preset(given: dict, quick=None, long=None) -> dict:
-    """The settings given, a preset filling what was not: --quick's or --long's."""
-    if given.get("quick") and given.get("long"):
-        raise ValueError("--quick and --long are two recipes: give one")
-    return ((quick or {}) if given.get("quick") else (long or {}) if given.get("long") else {}) | given
+def preset(given: dict, **presets) -> dict:
+    """The settings given, the preset named by a true flag among them (quick=QUICK, ...) filling what
+    was not."""
+    named = [name for name in presets if given.get(name)]
+    if len(named) > 1:
+        raise ValueError(" and ".join("--" + n.replace("_", "-") for n in named) + " are different recipes: give one")
+    return (presets[named[0]] if named else {}) | given
 
 
 def lr_factor(schedule, step, total):

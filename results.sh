@@ -10,6 +10,7 @@
 #   bash results.sh bench-reference bench-tune-peers-w2   # the benchmark: the day's clock, the peers' tuning rows
 #   bash results.sh bench-tune-apiq-w2                    # ... and ApiQ-bw's (a second single-thread lane)
 #   bash results.sh bench-test-w2 bench-best-w2           # then the test split: the rows chosen on the tuning set
+#   bash results.sh bench-figures                         # perplexity against minutes and bits per weight
 #   bash results.sh peers           # the older headline table (bench/bench_peers.py before the protocol)
 #   bash results.sh tasks-apiq-bw-w2-s0 tasks-loftq-w2-s0   # the task study (ApiQ fig. 1): below
 #   PPL= bash results.sh eval-apiq-bw-w2     # activation/weight errors (+ zero-shot) only, for the figures
@@ -180,6 +181,13 @@ step() {
         --threads 1 --out "$OUT/bench" --json bench/results/benchmark_test40.json
       say python bench/bench_peers.py --split test --bits "${1##*-w}" --rows best --limit 0 \
         --threads 1 --out "$OUT/bench" --json bench/results/benchmark_test_full.json ;;
+    # perplexity against minutes and against bits per weight, every method: the tuning rows, the test rows
+    bench-figures) for x in minutes bits_per_weight; do
+        say python plots/peers.py bench/results/benchmark_tuning.json --dataset wikitext2_valid --x "$x" \
+          --out "figures/tuning_$x.png"
+        [ ! -f bench/results/benchmark_test.json ] || say python plots/peers.py bench/results/benchmark_test.json \
+          --x "$x" --out "figures/test_$x.png"
+      done ;;
     # the older headline table's rows (RESULTS.md), made again under the protocol's clock into
     # OUT/peers.json: the peers at the settings of then (GPTQ damp 1% without act-order, AutoRound
     # light in fp32), ours at --quick and longer budgets; 2 and 3 bits, 4 bits with ours

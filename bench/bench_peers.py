@@ -43,11 +43,13 @@ Rows (--rows, space-separated): METHOD or METHOD:SETTING=VALUE,... (a bare SETTI
   best       (--split test) of those, the lowest tuning perplexity of each method in each time budget
              (BUDGETS: at most 20 and at most 40 minutes), within BEST_BITS_OVER bits/weight of the bits
 A row is named by its method and the settings it changes (autoround-iters50-seqlen256); plots
-group rows by the name's first part. Results: --json (default bench/results/benchmark_<split>.json;
---smoke: OUT/benchmark_smoke.json), a row written atomically as soon as it is evaluated; a row
-already there with the same windows is not redone; the peers' dequantized weights (with their
-minutes) and our model directories stay under OUT/models, so a second evaluation does not
-quantize again. A missing peer library is skipped with the command that installs it.
+group rows by the name's first part. With --split test, --limit 0 reads every window (the full
+WikiText-2 test) and --tasks N adds the five zero-shot tasks (their first N items: each accuracy, the
+mean and its standard error). Results: --json (default bench/results/benchmark_<split>.json, with
+--tasks benchmark_test_tasks.json; --smoke: OUT/benchmark_smoke.json), a row written atomically as
+soon as it is evaluated; a row already there with the same windows and tasks is not redone; the
+peers' dequantized weights (with their minutes) and our model directories stay under OUT/models,
+so a second evaluation does not quantize again. A missing peer library is skipped with the command that installs it.
 """
 import argparse
 import copy
@@ -141,10 +143,13 @@ def tuned_rows(path: Path, bits: int, best: bool) -> list:
     """The test split's rows, chosen on the tuning set (--rows tuned / best): every row of the tuning
     JSON at `bits` that is on the clock, or only the best of each method in each budget (BUDGETS,
     BEST_BITS_OVER). Each row with its name and settings as tuned, so its model is reused."""
-    if not path.exists():
-        raise ValueError(f"--rows tuned/best read the tuning rows, and {path} does not exist: run --split tuning first")
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["bits"] == bits and r["method"] != "fp"
-            and r["on_clock"] and r.get("wikitext2_valid") is not None]
+    try:
+        rows = [r for r in json.loads(path.read_text())["rows"] if r["bits"] == bits and r["method"] != "fp"
+                and r["on_clock"] and r.get("wikitext2_valid") is not None]
+        for r in rows:
+            r["minutes"], r["bits_per_weight"], r["settings"]                 # what the choice reads
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not the tuning rows of bench_peers.py --split tuning ({type(e).__name__}: {e})")
     if best:
         chosen = {}
         for r in rows:
@@ -544,6 +549,28 @@ def evaluate_ppl(model, windows, label):
     return ppl, notes
 
 
+def task_items(n: int) -> dict:
+    """{task: its first n items}: the five zero-shot tasks (tasks.TASKS), read once before any row."""
+    from evaluate import task_part_items
+    from tasks import TASKS
+    return {name: task_part_items(name)[:n] for name in TASKS}
+
+
+def evaluate_tasks(model, tok, items: dict, label: str) -> dict:
+    """The zero-shot tasks scored as evaluate.py does (lm-eval's log-likelihood of each option):
+    {zero_shot: {task: acc %}, zero_shot_mean, zero_shot_se}, the mean of the five accuracies and its
+    standard error (each task binomial: sqrt(sum_t p_t (1 - p_t) / n_t) / 5)."""
+    from evaluate import zero_shot
+    acc, var = {}, 0.0
+    for name, its in items.items():
+        r = zero_shot(model, tok, name, its)
+        acc[name] = round(100 * r["acc"], 2)
+        var += r["acc"] * (1 - r["acc"]) / r["n"]
+    print(f"  {label}: zero-shot " + ", ".join(f"{t} {v}" for t, v in acc.items()), flush=True)
+    return {"zero_shot": acc, "zero_shot_mean": round(sum(acc.values()) / len(acc), 2),
+            "zero_shot_se": round(100 * var ** 0.5 / len(acc), 2)}
+
+
 def eval_windows(a, tok) -> dict:
     """{dataset: windows (n, 2048)} of the split: the tuning set reads WikiText-2 validation only."""
     from data import TUNING, ppl_windows
@@ -616,13 +643,13 @@ def main(a):
         return reference(a)
     saved = json.loads(a.json.read_text()) if a.json.exists() else {}
     rows = {(r["method"], r["bits"]): r for r in saved.get("rows", [])}
-    same = dict(split=a.split, limit=a.limit, c4_limit=a.c4_limit if a.split == "test" else 0)
+    same = dict(split=a.split, limit=a.limit, c4_limit=a.c4_limit if a.split == "test" else 0, tasks=a.tasks)
     if a.split == "test" and not a.smoke:
         print("the test split: run it only for rows whose every choice was made on the tuning set")
 
     def done(key):
         r = rows.get(key)
-        return r is not None and all(r.get(k) == v for k, v in same.items())
+        return r is not None and all(r.get(k, 0 if k == "tasks" else None) == v for k, v in same.items())
 
     skipped = set()
     plan = {bits: a.rows if a.rows not in ("tuned", "best") else     # {bits: [row, ...]}
@@ -635,6 +662,7 @@ def main(a):
     fp_model, tok = load("smollm2-135m")                     # fp32, evaluation mode: the evaluation's copy
     shapes = [tuple(m.weight.shape) for b in fp_model.layers for m in b.modules() if isinstance(m, torch.nn.Linear)]
     windows = eval_windows(a, tok)
+    items = task_items(a.tasks) if a.tasks else {}           # rows before --tasks have none: tasks 0
     datasets = list(windows)
     print(f"split {a.split}: " + ", ".join(f"{d} {len(w)}" for d, w in windows.items()) +
           f" windows x {SEQLEN} tokens; threads {a.threads}; results {a.json}" + ("; SMOKE budgets" if a.smoke else ""))
@@ -661,12 +689,15 @@ def main(a):
                     model = with_linears(fp_model, weights, bits)
                     del weights
                 ppl, problems = evaluate_ppl(model, windows, f"{row['name']} w{key[1]}")
+                if a.tasks:
+                    ppl |= evaluate_tasks(model, tok, items, f"{row['name']} w{key[1]}")
                 bpw = {} if row["method"] == "fp" else formula(shapes, bits, GROUP, rank, a.adapter_bits, **packed)
                 r = dict(method=key[0], bits=key[1], settings=row["settings"], minutes=round(seconds / 60, 3),
                          rank=rank, adapter_bits=a.adapter_bits if rank else None,
                          bits_per_weight=round(bpw["bits_per_weight"], 4) if bpw else None,
                          base_bits_per_weight=round(bpw["base_bits_per_weight"], 4) if bpw else None,
-                         **ppl, notes="; ".join([notes, *problems]), machine=machine, **same)
+                         **ppl, notes="; ".join([notes, *problems]), machine=machine, **same,
+                         windows={d: len(w) for d, w in windows.items()})
                 r["on_clock"] = row["method"] == "fp" or on_clock(r)
                 if a.json.exists():                          # rows another run (a second lane) saved meanwhile
                     rows.update({(x["method"], x["bits"]): x for x in json.loads(a.json.read_text()).get("rows", [])})
@@ -685,12 +716,12 @@ def main(a):
                 traceback.print_exc(limit=-3)
                 print(f"error: {row['name']} w{bits}: {type(e).__name__}: {e}", flush=True)
                 failed.append(f"{row['name']} w{bits}")
-    shown = [r for r in sorted(rows.values(), key=order) if all(r.get(k) == v for k, v in same.items())]
+    shown = [r for r in sorted(rows.values(), key=order) if done((r["method"], r["bits"]))]
     print(f"\nSmolLM2-135M, asymmetric, group {GROUP}; perplexity on the {a.split} split (" +
           ", ".join(f"{d} {len(w)}" for d, w in windows.items()) + f" windows of {SEQLEN} tokens); "
           f"minutes on {a.threads} thread(s); clock: within {ON_CLOCK['reference']:.0%} of the first day's "
           f"reference and a mean load <= {ON_CLOCK['load']}\n")
-    print(table(shown, datasets))
+    print(table(shown, datasets + (["zero_shot_mean", "zero_shot_se"] if a.tasks else [])))
     if skipped:
         print(f"\nskipped (not installed): {', '.join(sorted(skipped))}")
     if failed:
@@ -711,12 +742,15 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=20,
                    help="WikiText-2 windows of 2048 tokens (default 20; 0: every window, the full test set)")
     p.add_argument("--c4-limit", type=int, default=None, help="C4 windows of the test split (default: --limit; 0: none)")
+    p.add_argument("--tasks", type=int, default=0,
+                   help="with --split test: also the five zero-shot tasks, the first N items of each (default 0: none)")
     p.add_argument("--adapter-bits", type=int, default=16, choices=(16, 32),
                    help="bits of each adapter weight as stored (export.py --adapter-dtype; default fp16)")
     p.add_argument("--reference", action="store_true", help="time the day's reference job alone, then stop")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in calibrate.py (default 1)")
     p.add_argument("--out", default=None, help="models directory (default out/bench; with --smoke out/bench-smoke)")
-    p.add_argument("--json", default=None, help="results (default bench/results/benchmark_<split>.json; "
+    p.add_argument("--json", default=None, help="results (default bench/results/benchmark_<split>.json, "
+                                                "with --tasks benchmark_test_tasks.json; "
                                                 "--smoke: OUT/benchmark_smoke.json)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets for every row: checks the code paths only")
     a = p.parse_args(argv)
@@ -725,6 +759,9 @@ def parse_args(argv=None):
             if a.split != "test":
                 raise ValueError(f"--rows {a.rows.strip()}: the tuning set's rows on the test split; give --split test")
             a.rows, a.tuning = a.rows.strip(), Path(a.tuning).resolve()
+            if not a.tuning.is_file():
+                raise ValueError(f"--rows {a.rows} reads the tuning rows, and {a.tuning} is not a file: "
+                                 "run --split tuning first")
         else:
             a.rows = [parse_row(r) for r in a.rows.split()]
         a.bits = [int(b) for b in a.bits.split(",") if b.strip()]
@@ -734,12 +771,15 @@ def parse_args(argv=None):
         p.error("--rows: give at least one row")
     if not a.bits or any(not 2 <= b <= 8 for b in a.bits):
         p.error("--bits: comma-separated integers, each in 2..8")
+    if a.tasks < 0 or (a.tasks and a.split != "test"):
+        p.error("--tasks: a number of items >= 0, on the test split only (the tasks choose nothing)")
     a.c4_limit = a.limit if a.c4_limit is None else a.c4_limit
     if a.limit < 0 or a.c4_limit < 0 or a.threads <= 0:
         p.error("--limit and --c4-limit must be >= 0 (--limit 0: every window), --threads positive")
     a.out = Path(a.out or ("out/bench-smoke" if a.smoke else "out/bench")).resolve()   # calibrate.py runs in ROOT
     a.json = Path(a.json).resolve() if a.json else (a.out / "benchmark_smoke.json" if a.smoke else
-                                                    ROOT / "bench" / "results" / f"benchmark_{a.split}.json")
+                                                    ROOT / "bench" / "results" /
+                                                    f"benchmark_{a.split}{'_tasks' if a.tasks else ''}.json")
     return a
 
 

@@ -26,6 +26,12 @@ METHODS = {m.name: m.label for m in qmodel.METHODS.values()} | {
 DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation",   # perplexity sets: their titles
             "wikitext2_valid": "WikiText-2 validation (the tuning set)"}
 WINDOWS = {"wikitext2": "limit", "c4": "c4_limit", "wikitext2_valid": "limit"}   # bench_peers.py rows: window counts
+
+
+def windows(row: dict, dataset: str) -> int:
+    """The windows a bench_peers.py row was evaluated on: its `windows` record (rows since --limit 0,
+    every window), else its --limit / --c4-limit."""
+    return row.get("windows", {}).get(dataset) or row[WINDOWS[dataset]]
 PEERS = ("hqq", "gptq", "autoround")                 # bench_peers.py's other tools (ours: rtn, loftq, apiq)
 
 

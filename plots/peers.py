@@ -18,7 +18,7 @@ from pathlib import Path
 
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from common import DATASETS, PEERS, WINDOWS, family, parser, plt, read_json, save
+from common import DATASETS, PEERS, family, parser, plt, read_json, save, windows
 
 MARKERS = {"rtn": "s", "loftq": "D", "apiq-lw": "h", "apiq": "o", "hqq": "^", "gptq": "v", "autoround": "P"}   # per family
 
@@ -56,8 +56,7 @@ def main(a):
         raise FileNotFoundError(f"no quantized rows with {a.dataset} perplexity and {a.x} in {path}")
     families = list(dict.fromkeys(family(r["method"]) for r in rows))      # in the JSON's order
     colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
-    key = WINDOWS[a.dataset]
-    most = max(r[key] for r in rows)                  # a row on fewer windows says so in its label
+    most = max(windows(r, a.dataset) for r in rows)                  # a row on fewer windows says so in its label
     fig, axes = plt.subplots(1, len(bits), figsize=(6.5 * len(bits), 5), squeeze=False)
     for ax, b in zip(axes[0], bits):
         mine = [r for r in rows if r["bits"] == b]
@@ -68,7 +67,7 @@ def main(a):
         for r in mine:
             marker, filled = style(r["method"])
             c = colors[family(r["method"])] if r.get("on_clock", True) else "grey"
-            label = r["method"] + ("" if r[key] == most else f" ({r[key]} windows)")
+            label = r["method"] + ("" if windows(r, a.dataset) == most else f" ({windows(r, a.dataset)} windows)")
             label += "" if r.get("on_clock", True) else " (off the clock)"
             ax.scatter(r[a.x], r[a.dataset], marker=marker, s=60, color=c if filled else "none",
                        edgecolors=c, linewidths=1.5, zorder=3, label=label)
@@ -84,7 +83,7 @@ def main(a):
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    limits = sorted({str(r.get(key)) for r in rows})
+    limits = sorted({str(windows(r, a.dataset)) for r in rows})
     smoke = " (SMOKE budgets: not a result)" if any(r.get("smoke") for r in rows) or "smoke" in path.name else ""
     fig.suptitle(f"SmolLM2-135M: perplexity against {XLABEL[a.x].split(' (')[0]} (windows of 2048 tokens: "
                  f"{', '.join(limits)}){smoke}")

@@ -11,7 +11,7 @@ decades at 2 bits: log scale.
 """
 from pathlib import Path
 
-from common import DATASETS, METHODS, PEERS, WINDOWS, family, load_results, parser, plt, read_json, save
+from common import DATASETS, METHODS, PEERS, family, load_results, parser, plt, read_json, save, windows
 
 BITS = range(1, 9)
 
@@ -35,11 +35,11 @@ def from_peers(path: Path) -> tuple[dict, dict, dict]:
         for ds in DATASETS:
             if r.get(ds) is None:
                 continue
-            windows = r[WINDOWS[ds]]
+            n = windows(r, ds)
             if r["method"] == "fp":
                 fp[ds] = r[ds]
             else:
-                by_method.setdefault(r["method"], {}).setdefault(ds, []).append((r["bits"], r[ds], windows))
+                by_method.setdefault(r["method"], {}).setdefault(ds, []).append((r["bits"], r[ds], n))
     most = max((p[2] for v in by_method.values() for pts in v.values() for p in pts), default=None)
     labels = {}                                       # a row on fewer windows says so in its label
     for m, v in by_method.items():
@@ -72,8 +72,8 @@ def main(a):
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    windows = ", ".join("all" if n is None else str(n) for n in sorted(limits, key=lambda n: n or 1e9))
-    fig.suptitle(f"perplexity against bits (windows of 2048 tokens per dataset: {windows})")
+    counts = ", ".join("all" if n is None else str(n) for n in sorted(limits, key=lambda n: n or 1e9))
+    fig.suptitle(f"perplexity against bits (windows of 2048 tokens per dataset: {counts})")
     save(fig, a.out)
 
 

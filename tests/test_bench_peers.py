@@ -67,6 +67,35 @@ def test_test_rows_are_the_tuning_sets_choices(tmp_path):
     r = subprocess.run([sys.executable, "bench/bench_peers.py", "--rows", "best", "--split", "tuning",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "give --split test" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "bench/bench_peers.py", "--rows", "tuned", "--split", "test", "--tuning",
+                        str(tmp_path / "none.json"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "is not a file" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "other.json").write_text(json.dumps({"rows": [{"method": "rtn", "bits": 2}]}))
+    with pytest.raises(ValueError, match="not the tuning rows of bench_peers.py"):
+        bench_peers.tuned_rows(tmp_path / "other.json", 2, best=True)
+
+
+def test_presets_are_the_tuning_sets_choice():
+    """calibrate.py --quick-e2e and --long-e2e resolve to the settings of a 2-bit tuning row on the
+    clock, and that row is the lowest tuning perplexity of ApiQ-bw within the bits of rank 8 at its
+    minutes or fewer (the choice the presets stand for)."""
+    import calibrate
+    rows = json.loads((ROOT / "bench" / "results" / "benchmark_tuning.json").read_text())["rows"]
+    ours = [r for r in rows if r["bits"] == 2 and bench_peers.family(r["method"]) == "apiq" and r["on_clock"]
+            and r["bits_per_weight"] <= 2 + bench_peers.BEST_BITS_OVER]
+    for name in ("quick_e2e", "long_e2e"):
+        want = calibrate.make_config(**{name: True})
+        row = next(r for r in ours if _same(calibrate.make_config(**r["settings"]), want))
+        assert row["wikitext2_valid"] == min(r["wikitext2_valid"] for r in ours if r["minutes"] <= row["minutes"])
+    with pytest.raises(ValueError, match="--quick and --quick-e2e are different recipes"):
+        calibrate.make_config(quick=True, quick_e2e=True)
+
+
+def _same(a, b) -> bool:
+    """Two calibrate.Configs equal in every result setting (the preset flags themselves aside)."""
+    from dataclasses import asdict
+    skip = {"quick", "long", "quick_e2e", "long_e2e"}
+    return {k: v for k, v in asdict(a).items() if k not in skip} == {k: v for k, v in asdict(b).items() if k not in skip}
 
 
 def test_tuning_rows_read_no_test_file(data_dir, smollm2_gguf, tmp_path):
@@ -96,3 +125,26 @@ def test_tuning_rows_read_no_test_file(data_dir, smollm2_gguf, tmp_path):
     assert again.returncode == 0 and "rtn w2g64" not in again.stdout and "| rtn | 2 | 2.326 |" in again.stdout
     test = subprocess.run(cmd[:3] + ["test"] + cmd[4:], cwd=ROOT, capture_output=True, text=True, env=env)
     assert test.returncode != 0 and "no WikiText-2 test file" in test.stderr, test.stderr[-2000:]
+
+
+def test_test_rows_with_zero_shot(data_dir, smollm2_gguf, tmp_path):
+    """--split test --rows best --tasks N: the tuning JSON's row (RTN here) and full precision on one
+    WikiText-2 test window, and the five zero-shot tasks on N items each: every task's accuracy, the
+    mean of the five and its binomial standard error, recorded with the row."""
+    tuning = tmp_path / "tuning.json"
+    tuning.write_text(json.dumps({"rows": [dict(method="rtn", bits=2, minutes=0.1, wikitext2_valid=9e5,
+                                                bits_per_weight=2.33, on_clock=True, settings={})]}))
+    env = {"APIQ_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "bench/bench_peers.py", "--split", "test", "--rows", "best", "--tuning", str(tuning),
+                        "--bits", "2", "--limit", "1", "--c4-limit", "0", "--tasks", "4", "--out", str(tmp_path / "out"),
+                        "--json", str(tmp_path / "test.json")], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {x["method"]: x for x in json.loads((tmp_path / "test.json").read_text())["rows"]}
+    assert set(rows) == {"fp", "rtn"}
+    for x in rows.values():
+        acc = x["zero_shot"]
+        assert len(acc) == 5 and all(v in (0, 25, 50, 75, 100) for v in acc.values()) and x["tasks"] == 4
+        assert abs(x["zero_shot_mean"] - sum(acc.values()) / 5) < 0.01
+        p = [v / 100 for v in acc.values()]
+        assert abs(x["zero_shot_se"] - 100 * sum(q * (1 - q) / 4 for q in p) ** 0.5 / 5) < 0.01
+    assert rows["fp"]["wikitext2"] < rows["rtn"]["wikitext2"] and "c4" not in rows["fp"]
