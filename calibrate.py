@@ -17,7 +17,8 @@ X its input in the full-precision model, X^q its input in the model quantized so
           + lambda_l sum_i alpha_i (w_i - W_eff,i)^2   --saliency: Cao & Aref (arXiv 2504.13932) eq. (2)
     4.   freeze; X <- Y, X^q <- F_q(X^q); next block
     5.   --e2e-epochs, beyond the paper: the step sizes (and A, B) of the whole model trained end
-         to end on the windows' next-token cross-entropy (e2e.py; EfficientQAT's E2E-QP)
+         to end on the windows' next-token cross-entropy (e2e.py; EfficientQAT's E2E-QP), or
+         with --e2e-loss kd on the KL to the full-precision model's next-token distribution
 
 ||.||^2 is the mean square over the output's elements. ApiQ-lw trains one linear at a time on
 ||X W^T - X^q (Q + s B A)^T||^2. The data-free inits (rtn, qlora, loftq) are lora.py's.
@@ -339,6 +340,9 @@ class Config:
                           "cross-entropy; 0: none (paper)")
     e2e_lr_scale: float = arg(2e-5, "--e2e-epochs: AdamW learning rate of the step sizes (EfficientQAT's at 2 bits)")
     e2e_lr_lora: float = arg(5e-4, "--e2e-epochs: AdamW learning rate of A and B (0: they stay as calibrated)")
+    e2e_loss: str = arg("ce", "--e2e-epochs: ce, next-token cross-entropy (EfficientQAT); kd, KL to the full-precision "
+                        "model's next-token distribution (beyond it: keeps the model's function, not the text's)",
+                        choices=("ce", "kd"))
     lora_init: str = arg("standard", "A, B at the start of a block: standard (A random, B = 0; paper) or svd "
                          "(rank-r SVD of W - Q(W), one LoftQ step)", choices=("standard", "svd"))
     dataset: str = arg("wikitext2", "calibration text", choices=("wikitext2", "c4"))
@@ -426,7 +430,11 @@ def main(cfg: Config):
             return out
         e2e = None
         if cfg.e2e_epochs:                                                                      # 5.
-            e2e = end_to_end(model, tokens, cfg.e2e_epochs, cfg.e2e_lr_scale, cfg.e2e_lr_lora, cfg.device)
+            teacher = None                     # --e2e-loss kd: the full-precision model, loaded again
+            if cfg.e2e_loss == "kd":
+                teacher = load(cfg.ckpt, device=cfg.device, dtype=DTYPES[cfg.dtype])[0].eval().requires_grad_(False)
+            e2e = end_to_end(model, tokens, cfg.e2e_epochs, cfg.e2e_lr_scale, cfg.e2e_lr_lora, cfg.device, teacher)
+            del teacher
             print(f"end to end: {len(e2e)} steps, loss {e2e[0]['loss']:.4f} -> {e2e[-1]['loss']:.4f}")
         write_json(out / "calib_log.json", {"config": asdict(cfg), "blocks": logs, "end_to_end": e2e})
     seconds = time.time() - t0

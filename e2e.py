@@ -9,6 +9,8 @@ next-token cross-entropy, the integer codes and zero points fixed (Llama-2-7B w2
     y    = x Q(W)^T + s (x A^T) B^T           A, B trainable (--e2e-lr-lora; 0: fixed)
                                               (--e2e-lr-scale 0: the scales fixed, A, B alone)
     loss = - mean_t log p_q(x_{t+1} | x_{<=t})   over the calibration windows, one window a step
+      or (--e2e-loss kd, beyond EfficientQAT)
+    loss = mean_t KL( p_fp(. | x_{<=t}) || p_q(. | x_{<=t}) )     the full-precision model's distribution
 
 AdamW (no weight decay) with the learning rates along a cosine to 0 over the stage's steps, the
 gradient norm clipped at 0.3, as EfficientQAT's E2E-QP scripts do; their step-size learning rate
@@ -29,9 +31,10 @@ from recipes import lr_factor
 MAX_GRAD_NORM = 0.3   # EfficientQAT's E2E-QP scripts (--max_grad_norm 0.3)
 
 
-def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu") -> list:
+def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=None) -> list:
     """Train every frozen QuantLinear's scale (and A, B where lr_lora > 0) of `model` on windows
-    `tokens` (n, T) for `epochs` passes, one window a step in fixed order; the codes and zero
+    `tokens` (n, T) for `epochs` passes, one window a step in fixed order, on next-token cross-
+    entropy or, with a full-precision `teacher`, the KL to its distribution; the codes and zero
     points do not change. The scales stay where they are stored (fp32), so the model saves as
     before; the model ends where it was, in eval mode. Returns the log: loss, the step's seconds."""
     lins = [m for _, m in quant_linears(model)]
@@ -63,7 +66,7 @@ def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu") -> list:
                 t0 = time.time()
                 for m, c in zip(lins, codes):          # (out, in): Q(W) from the fixed codes, eq. (6)
                     m.q_cache = dequantize(c, m.scale, m.zero.float(), m.group_size)
-                loss = lm_loss(model, tokens[i:i + 1].to(device))   # next-token cross-entropy
+                loss = lm_loss(model, tokens[i:i + 1].to(device), teacher)   # cross-entropy, or KL to the teacher
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"end-to-end stage: the loss became {loss.item()} at step {len(log)}; "
                                              f"lower --e2e-lr-scale / --e2e-lr-lora")
