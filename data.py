@@ -21,6 +21,7 @@ from qmodel import load
 
 DATASETS = ("wikitext2", "c4")                           # the test sets (calibration: WikiText-2 train or C4)
 TUNING = "wikitext2-valid"     # the tuning set: WikiText-2 validation, windowed as the test set; no run trains on it
+TUNING_C4 = "c4-tuning"        # its C4 part: C4 validation documents that no C4 test window touches, joined
 WIKITEXT_FILES = {"train": ("wiki.train.raw", "wiki.train.head1018.raw"),
                   "validation": ("wiki.valid.raw",), "test": ("wiki.test.raw",)}
 
@@ -120,7 +121,10 @@ def c4_eval_docs(tok, docs) -> set:
 def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
     """Evaluation windows (n, seqlen), docs/method.md §6: WikiText-2 test non-overlapping, tail dropped;
     C4: 256 random windows, seed 0; the tuning set "wikitext2-valid": WikiText-2 validation, windowed
-    as the test split (choices are made on it; it reads no test file)."""
+    as the test split (choices are made on it; it reads no test file), and "c4-tuning": up to 64
+    windows of the C4 documents that no C4 test window touches, in file order joined with '\n\n'
+    (a --dataset c4 calibration draws from the same documents; the benchmark's rows calibrate on
+    WikiText-2 train)."""
     if name in ("wikitext2", TUNING):
         split = "test" if name == "wikitext2" else "validation"
         ids = token_stream(tok, split, data_dir)
@@ -130,7 +134,18 @@ def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
         return ids[: n * seqlen].view(n, seqlen)                              # (n, seqlen)
     if name == "c4":
         return random_doc_windows(tok, c4_docs(data_dir), 256, seqlen, seed=0)[0]
-    raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS + (TUNING,))}")
+    if name == TUNING_C4:        # the documents no C4 test window touches, joined: few are >= 2048 tokens
+        docs = c4_docs(data_dir)
+        held = c4_eval_docs(tok, docs)
+        ids = []
+        for i, d in enumerate(docs):
+            if i not in held:
+                ids += tok.encode(d, bos=not ids) + tok.encode("\n\n", bos=False)
+                if len(ids) >= 64 * seqlen:
+                    break
+        n = min(64, len(ids) // seqlen)
+        return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)      # (n, seqlen)
+    raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS + (TUNING, TUNING_C4))}")
 
 
 def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", data_dir=None) -> torch.Tensor:

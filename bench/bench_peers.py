@@ -4,7 +4,9 @@ tuning set, every stored bit counted. The protocol (docs/benchmarks.md#the-proto
 
 - Splits. Calibration text: WikiText-2 train (data.calib_windows, seed 0) for every method. Tuning
   set (--split tuning): the first --limit windows of WikiText-2 *validation* (data.TUNING); nothing
-  trains on it and every choice (recipes, learning rates, ranks, the peers' settings) is made on it.
+  trains on it and every choice (recipes, learning rates, ranks, the peers' settings) is made on it;
+  with --c4-limit also C4 windows of documents that no C4 test window touches (data.TUNING_C4), to
+  see whether a choice carries over to other text.
   Test sets (--split test): WikiText-2 test and C4 windows, read only by the final rows. A tuning
   run reads no test file (tests/test_bench_peers.py runs one with wiki.test.raw absent).
 - Bits per weight in every row, over the block linears' weights (bench/bits_per_weight.py's
@@ -573,9 +575,12 @@ def evaluate_tasks(model, tok, items: dict, label: str) -> dict:
 
 def eval_windows(a, tok) -> dict:
     """{dataset: windows (n, 2048)} of the split: the tuning set reads WikiText-2 validation only."""
-    from data import TUNING, ppl_windows
+    from data import TUNING, TUNING_C4, ppl_windows
     if a.split == "tuning":
-        return {"wikitext2_valid": ppl_windows(TUNING, tok, SEQLEN)[:a.limit or None]}
+        w = {"wikitext2_valid": ppl_windows(TUNING, tok, SEQLEN)[:a.limit or None]}
+        if a.c4_limit:                               # C4 documents that no test window touches
+            w["c4_tuning"] = ppl_windows(TUNING_C4, tok, SEQLEN)[:a.c4_limit]
+        return w
     w = {"wikitext2": ppl_windows("wikitext2", tok, SEQLEN)[:a.limit or None]}
     if a.c4_limit:
         w["c4"] = ppl_windows("c4", tok, SEQLEN)[:a.c4_limit]
@@ -643,7 +648,7 @@ def main(a):
         return reference(a)
     saved = json.loads(a.json.read_text()) if a.json.exists() else {}
     rows = {(r["method"], r["bits"]): r for r in saved.get("rows", [])}
-    same = dict(split=a.split, limit=a.limit, c4_limit=a.c4_limit if a.split == "test" else 0, tasks=a.tasks)
+    same = dict(split=a.split, limit=a.limit, c4_limit=a.c4_limit, tasks=a.tasks)
     if a.split == "test" and not a.smoke:
         print("the test split: run it only for rows whose every choice was made on the tuning set")
 
@@ -741,7 +746,9 @@ def parse_args(argv=None):
                    help="tuning: WikiText-2 validation windows (every choice); test: WikiText-2 test and C4 (the table)")
     p.add_argument("--limit", type=int, default=20,
                    help="WikiText-2 windows of 2048 tokens (default 20; 0: every window, the full test set)")
-    p.add_argument("--c4-limit", type=int, default=None, help="C4 windows of the test split (default: --limit; 0: none)")
+    p.add_argument("--c4-limit", type=int, default=None,
+                   help="C4 windows: of the test split (default --limit), of the tuning set's C4 part (data.TUNING_C4: "
+                        "documents no test window touches; default 0: none); 0: none")
     p.add_argument("--tasks", type=int, default=0,
                    help="with --split test: also the five zero-shot tasks, the first N items of each (default 0: none)")
     p.add_argument("--adapter-bits", type=int, default=16, choices=(16, 32),
@@ -773,7 +780,7 @@ def parse_args(argv=None):
         p.error("--bits: comma-separated integers, each in 2..8")
     if a.tasks < 0 or (a.tasks and a.split != "test"):
         p.error("--tasks: a number of items >= 0, on the test split only (the tasks choose nothing)")
-    a.c4_limit = a.limit if a.c4_limit is None else a.c4_limit
+    a.c4_limit = (a.limit if a.split == "test" else 0) if a.c4_limit is None else a.c4_limit
     if a.limit < 0 or a.c4_limit < 0 or a.threads <= 0:
         p.error("--limit and --c4-limit must be >= 0 (--limit 0: every window), --threads positive")
     a.out = Path(a.out or ("out/bench-smoke" if a.smoke else "out/bench")).resolve()   # calibrate.py runs in ROOT

@@ -24,8 +24,8 @@ METHODS = {m.name: m.label for m in qmodel.METHODS.values()} | {
     "apiq-bw-sal-before": "ApiQ-bw + saliency (BeforeLoRA)",
 }
 DATASETS = {"wikitext2": "WikiText-2 test", "c4": "C4 validation",   # perplexity sets: their titles
-            "wikitext2_valid": "WikiText-2 validation (the tuning set)"}
-WINDOWS = {"wikitext2": "limit", "c4": "c4_limit", "wikitext2_valid": "limit"}   # bench_peers.py rows: window counts
+            "wikitext2_valid": "WikiText-2 validation (the tuning set)", "c4_tuning": "C4 (the tuning set's part)"}
+WINDOWS = {"wikitext2": "limit", "c4": "c4_limit", "wikitext2_valid": "limit", "c4_tuning": "c4_limit"}   # bench_peers.py rows: window counts
 
 
 def windows(row: dict, dataset: str) -> int:

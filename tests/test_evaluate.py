@@ -54,6 +54,19 @@ def test_c4_calibration_touches_no_c4_test_document(smollm2, data_dir):
             assert not (spans[:, None, :] == calib[None]).all(-1).any(), i
 
 
+def test_c4_tuning_windows_share_no_text_with_c4_test_windows(smollm2, data_dir):
+    """The tuning set's C4 part (data.TUNING_C4) comes from the documents no C4 test window touches:
+    no 64-token span of it occurs in any of the 256 test windows."""
+    from data import TUNING_C4
+    _, tok = smollm2
+    tuning = ppl_windows(TUNING_C4, tok, 2048, data_dir)                       # (n, 2048)
+    test = ppl_windows("c4", tok, 2048, data_dir)                               # (256, 2048)
+    assert tuning.shape == (64, 2048)
+    seen = {tuple(s.tolist()) for w in test for s in w.unfold(0, 64, 64)}      # every aligned 64-token span
+    for w in tuning:                                                            # each 64-token span at any offset
+        assert not any(tuple(s.tolist()) in seen for s in w.unfold(0, 64, 1))
+
+
 def test_finetune_text_with_validation_is_train_then_validation_never_test(smollm2, data_dir):
     _, tok = smollm2
     train, valid, test = (token_stream(tok, s, data_dir) for s in ("train", "validation", "test"))
