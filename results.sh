@@ -187,7 +187,9 @@ step() {
           --out "figures/tuning_$x.png"
         [ ! -f bench/results/benchmark_test.json ] || say python plots/peers.py bench/results/benchmark_test.json \
           --x "$x" --out "figures/test_$x.png"
-      done ;;
+      done
+      [ ! -f bench/results/benchmark_test.json ] || say python plots/peers.py bench/results/benchmark_test.json \
+        --dataset c4 --out figures/test_c4_minutes.png ;;
     # the older headline table's rows (RESULTS.md), made again under the protocol's clock into
     # OUT/peers.json: the peers at the settings of then (GPTQ damp 1% without act-order, AutoRound
     # light in fp32), ours at --quick and longer budgets; 2 and 3 bits, 4 bits with ours
