@@ -45,7 +45,7 @@ from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears
 from qmodel import INITS, METHODS, check_linears, load, quantize_model, require_fp, round_kept_params, save_quantized
 from quant import validate
-from recipes import (LONG, LONG_E2E, QUICK, QUICK_E2E, SCHEDULES, BestStep, SignSGD, clamp_offsets, lr_factor, preset, rounding_group,
+from recipes import (CALIBRATE_PRESETS, LONG, LONG_E2E, QUICK, QUICK_E2E, SCHEDULES, BestStep, SignSGD, clamp_offsets, lr_factor, preset, rounding_group,
                      svd_start)
 from runs import (block_errors, load_block, made_by, output_dir, print_log, refuse_finished, resume_blocks,
                   save_block, save_progress)
@@ -380,7 +380,7 @@ class Config:
 def make_config(**given) -> Config:
     """Config from the given settings, the preset named (--quick, --long, --quick-e2e, --long-e2e)
     filling what was not given."""
-    return Config(**preset(given, quick=QUICK, long=LONG, quick_e2e=QUICK_E2E, long_e2e=LONG_E2E))
+    return Config(**preset(given, **CALIBRATE_PRESETS))
 
 
 def check_config(cfg):
@@ -398,7 +398,7 @@ def check_config(cfg):
 
 def main(cfg: Config):
     check_config(cfg)
-    recipe = next((f"-{n.replace('_', '-')}" for n in ("quick", "long", "quick_e2e", "long_e2e") if getattr(cfg, n)), "")
+    recipe = next((f"-{n.replace('_', '-')}" for n in CALIBRATE_PRESETS if getattr(cfg, n)), "")
     out = output_dir(cfg.out, cfg.ckpt, f"out/{{name}}-{METHODS[cfg.method].name}-w{cfg.bits}g{cfg.group_size}{recipe}")
     check_writable(out)
     if cfg.method in INITS:

@@ -44,6 +44,7 @@ LONG = dict(nsamples=64, seqlen=512, epochs=4, compile=True, **CPU_OPTIONS)
 # 1/steps (1/64 for --quick's 32 windows x 2 epochs, 1/128 for 64 windows), 2 epochs end to end
 QUICK_E2E = QUICK | dict(rank=8, sign_steps=True, lr_round=0.016, e2e_epochs=2)
 LONG_E2E = QUICK_E2E | dict(nsamples=64, lr_round=0.008)
+CALIBRATE_PRESETS = dict(quick=QUICK, long=LONG, quick_e2e=QUICK_E2E, long_e2e=LONG_E2E)   # flag -> settings
 # finetune.py: the local WikiText-2 train text (68k tokens) once in 256-token windows, 16 windows
 # a step, a higher rate for the few steps
 FINETUNE_QUICK = dict(seqlen=256, epochs=1, batch_size=4, grad_accum=4, lr=1e-3, eval_limit=10)

@@ -23,6 +23,7 @@ from cli import atomic_write, write_json
 from llama import LINEARS
 from lora import QuantLinear, quant_linears, weight_errors
 from qmodel import METHODS, linear_part, linear_tensors
+from recipes import CALIBRATE_PRESETS
 
 SALIENCY_FORMAT = "apiq-saliency-v1"
 CHUNK = 4  # windows at a time in block_errors
@@ -130,7 +131,7 @@ DATA_SETTINGS = ("nsamples", "seqlen", "epochs", "batch_size", "seed", "lr_clip"
                  "dataset", "saliency", "sal_lambda", "sal_multiplier", "sal_variant", "weight_penalty", "sal_ratio",
                  "lr_schedule", "learn_rounding", "lr_round", "sign_steps", "best_step", "e2e_epochs",
                  "e2e_lr_scale", "e2e_lr_lora", "e2e_loss", "lora_init", "stop_after",
-                 "data_dir", "quick", "long", "quick_e2e", "long_e2e")
+                 "data_dir", *CALIBRATE_PRESETS)
 
 
 def made_by(settings: dict, **extra) -> dict:

@@ -51,7 +51,8 @@ mean and its standard error). Results: --json (default bench/results/benchmark_<
 --tasks benchmark_test_tasks.json; --smoke: OUT/benchmark_smoke.json), a row written atomically as
 soon as it is evaluated; a row already there with the same windows and tasks is not redone; the
 peers' dequantized weights (with their minutes) and our model directories stay under OUT/models,
-so a second evaluation does not quantize again. A missing peer library is skipped with the command that installs it.
+so a second evaluation does not quantize again. A missing peer library is skipped with the command
+that installs it.
 """
 import argparse
 import copy
@@ -91,8 +92,9 @@ SMOKE = {  # --smoke: the same code paths on tiny budgets (numbers meaningless)
 REFERENCE = dict(bits=2, nsamples=8, seqlen=256, iters=10)   # --reference: the day's clock, ~1-2 min alone
 ON_CLOCK = dict(load=2.5, reference=0.05)     # a row's mean load at most; its day's reference within 5%
 # --rows best: per method and bits, the lowest tuning perplexity within each time budget (minutes at
-# most the bound: a faster row competes in every budget above it), among rows with at most the paper's adapter share on top of a packed base (issue 35:
-# AutoRound's bits + 0.4; a rank-8 adapter adds 0.37, rank 64's 2.94 does not fit)
+# most the bound: a faster row competes in every budget above it), among rows with at most the
+# paper's adapter share on top of a packed base (issue 35: AutoRound's bits + 0.4; a rank-8 adapter
+# adds 0.37, rank 64's 2.94 does not fit)
 BUDGETS = (20, 40)
 BEST_BITS_OVER = 0.75
 TORCH_PIN = "-c <(echo torch==2.13.0)"                  # keeps pip from touching the torch build
@@ -654,7 +656,8 @@ def main(a):
 
     def done(key):
         r = rows.get(key)
-        return r is not None and all(r.get(k, 0 if k == "tasks" else None) == v for k, v in same.items())
+        return r is not None and all(r.get(k, 0 if k == "tasks" else None) == v   # rows before --tasks: 0
+                                     for k, v in same.items())
 
     skipped = set()
     plan = {bits: a.rows if a.rows not in ("tuned", "best") else     # {bits: [row, ...]}
@@ -667,7 +670,7 @@ def main(a):
     fp_model, tok = load("smollm2-135m")                     # fp32, evaluation mode: the evaluation's copy
     shapes = [tuple(m.weight.shape) for b in fp_model.layers for m in b.modules() if isinstance(m, torch.nn.Linear)]
     windows = eval_windows(a, tok)
-    items = task_items(a.tasks) if a.tasks else {}           # rows before --tasks have none: tasks 0
+    items = task_items(a.tasks) if a.tasks else {}           # {task: items}, read once for every row
     datasets = list(windows)
     print(f"split {a.split}: " + ", ".join(f"{d} {len(w)}" for d, w in windows.items()) +
           f" windows x {SEQLEN} tokens; threads {a.threads}; results {a.json}" + ("; SMOKE budgets" if a.smoke else ""))
