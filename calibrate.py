@@ -39,7 +39,7 @@ from tqdm import tqdm
 import fastpath
 from cli import (DEFAULT_DEVICE, DTYPES, arg, as_flags, check_device, check_writable, default_dtype, parse_config,
                  peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
-from data import calib_windows
+from data import CALIBRATION_SETS, calib_windows
 from e2e import end_to_end
 from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears
@@ -345,7 +345,8 @@ class Config:
                         choices=("ce", "kd"))
     lora_init: str = arg("standard", "A, B at the start of a block: standard (A random, B = 0; paper) or svd "
                          "(rank-r SVD of W - Q(W), one LoftQ step)", choices=("standard", "svd"))
-    dataset: str = arg("wikitext2", "calibration text", choices=("wikitext2", "c4"))
+    dataset: str = arg("wikitext2", "calibration text: WikiText-2 train (paper), C4, or half each (the C4 half from "
+                       "documents no test window and no tuning window touches)", choices=CALIBRATION_SETS)
     saliency: Optional[str] = arg(None, "saliency directory from saliency.py: adds the penalty of Cao & Aref eq. (2)")
     sal_lambda: float = arg(1.0, "penalty strength lambda")
     sal_multiplier: float = arg(1.0, "lambda_l = lambda * multiplier^l")

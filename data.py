@@ -20,6 +20,7 @@ from cli import ArgumentParser, run
 from qmodel import load
 
 DATASETS = ("wikitext2", "c4")                           # the test sets (calibration: WikiText-2 train or C4)
+CALIBRATION_SETS = ("wikitext2", "c4", "wikitext2+c4")    # calib_windows: train text, C4 or half each
 TUNING = "wikitext2-valid"     # the tuning set: WikiText-2 validation, windowed as the test set; no run trains on it
 TUNING_C4 = "c4-tuning"        # its C4 part: C4 validation documents that no C4 test window touches, joined
 WIKITEXT_FILES = {"train": ("wiki.train.raw", "wiki.train.head1018.raw"),
@@ -118,6 +119,20 @@ def c4_eval_docs(tok, docs) -> set:
     return set(random_doc_windows(tok, docs, 256, 2048, seed=0)[1])
 
 
+def c4_tuning_stream(tok, docs, seqlen=2048):
+    """The tuning set's C4 part ("c4-tuning") before windowing: (token ids, the documents' indices).
+    The documents no C4 test window touches, in file order, joined with '\\n\\n', until they fill 64
+    windows of seqlen; calibration on mixed text (calib_windows) leaves these documents out too."""
+    held, ids, used = c4_eval_docs(tok, docs), [], []
+    for i, d in enumerate(docs):
+        if i not in held:
+            ids += tok.encode(d, bos=not ids) + tok.encode("\\n\\n", bos=False)
+            used.append(i)
+            if len(ids) >= 64 * seqlen:
+                break
+    return ids, used
+
+
 def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
     """Evaluation windows (n, seqlen), docs/method.md §6: WikiText-2 test non-overlapping, tail dropped;
     C4: 256 random windows, seed 0; the tuning set "wikitext2-valid": WikiText-2 validation, windowed
@@ -136,13 +151,7 @@ def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
         return random_doc_windows(tok, c4_docs(data_dir), 256, seqlen, seed=0)[0]
     if name == TUNING_C4:        # the documents no C4 test window touches, joined: few are >= 2048 tokens
         docs = c4_docs(data_dir)
-        held = c4_eval_docs(tok, docs)
-        ids = []
-        for i, d in enumerate(docs):
-            if i not in held:
-                ids += tok.encode(d, bos=not ids) + tok.encode("\n\n", bos=False)
-                if len(ids) >= 64 * seqlen:
-                    break
+        ids, _ = c4_tuning_stream(tok, docs, seqlen)
         n = min(64, len(ids) // seqlen)
         return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)      # (n, seqlen)
     raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS + (TUNING, TUNING_C4))}")
@@ -151,15 +160,22 @@ def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
 def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", data_dir=None) -> torch.Tensor:
     """Calibration windows (nsamples, seqlen), docs/method.md §4: WikiText-2 train joined with '\\n\\n',
     window starts drawn with random.randint(0, N - seqlen - 1) from random.seed(seed); C4: GPTQ's
-    sampler over the documents that no C4 test window touches (c4_eval_docs)."""
+    sampler over the documents that no C4 test window touches (c4_eval_docs). wikitext2+c4 (beyond
+    the paper): the first nsamples - nsamples // 2 windows WikiText-2 train's, the rest C4's from the
+    documents that neither a test window nor the tuning set's C4 part touches (c4_tuning_stream)."""
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be positive")
+    if dataset == "wikitext2+c4":
+        docs = c4_docs(data_dir)
+        held = c4_eval_docs(tok, docs) | set(c4_tuning_stream(tok, docs)[1])
+        c4 = random_doc_windows(tok, [d for i, d in enumerate(docs) if i not in held], nsamples // 2, seqlen, seed)[0]
+        return torch.cat([calib_windows(tok, nsamples - nsamples // 2, seqlen, seed, "wikitext2", data_dir), c4])
     if dataset == "c4":                          # documents no C4 test window touches
         docs = c4_docs(data_dir)
         held = c4_eval_docs(tok, docs)
         return random_doc_windows(tok, [d for i, d in enumerate(docs) if i not in held], nsamples, seqlen, seed)[0]
     if dataset != "wikitext2":
-        raise ValueError(f"unknown dataset {dataset!r}: choose from {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {dataset!r}: choose from {', '.join(CALIBRATION_SETS)}")
     ids = token_stream(tok, "train", data_dir)
     if nsamples * seqlen > ids.numel():
         raise ValueError(f"{nsamples} windows x {seqlen} tokens = {nsamples * seqlen} tokens, but the WikiText-2 "

@@ -67,6 +67,24 @@ def test_c4_tuning_windows_share_no_text_with_c4_test_windows(smollm2, data_dir)
         assert not any(tuple(s.tolist()) in seen for s in w.unfold(0, 64, 1))
 
 
+def test_mixed_calibration_text_shares_no_text_with_tuning_or_test_windows(smollm2, data_dir):
+    """--dataset wikitext2+c4: the first half WikiText-2 train's windows (the same as --dataset
+    wikitext2 draws), the second C4's, and no 64-token span of those occurs in a C4 test window or in
+    the tuning set's C4 part: calibration reads neither."""
+    from data import TUNING_C4, calib_windows
+    _, tok = smollm2
+    mixed = calib_windows(tok, 8, 512, 0, "wikitext2+c4", data_dir)           # (8, 512)
+    assert mixed.shape == (8, 512)
+    assert torch.equal(mixed[:4], calib_windows(tok, 4, 512, 0, "wikitext2", data_dir))
+    seen = {tuple(s.tolist()) for name in ("c4", TUNING_C4)
+            for w in ppl_windows(name, tok, 2048, data_dir) for s in w.unfold(0, 64, 64)}
+    assert len(seen) > 256 * 32                                                  # both sets' spans
+    for w in mixed[4:]:                                                         # any offset
+        assert not any(tuple(s.tolist()) in seen for s in w.unfold(0, 64, 1))
+    c4 = calib_windows(tok, 8, 512, 0, "c4", data_dir)     # --dataset c4 (the paper's) may draw tuning documents
+    assert not torch.equal(c4[:4], mixed[4:])
+
+
 def test_finetune_text_with_validation_is_train_then_validation_never_test(smollm2, data_dir):
     _, tok = smollm2
     train, valid, test = (token_stream(tok, s, data_dir) for s in ("train", "validation", "test"))
