@@ -164,7 +164,7 @@ step() {
       calib "apiq-bw-sal-$variant-w$b" --bits "$b" --saliency "$OUT/saliency" --sal-lambda "$SAL_LAMBDA" \
         --sal-variant "$variant" ;;
     eval-fp) evaluate fp "${EVAL[@]}" ;;
-    # the benchmark (bench/bench_peers.py; docs/benchmarks.md#the-protocol): the day's reference job
+    # the benchmark (bench/bench_peers.py; docs/benchmarks.md#the-protocol): the day's reference (a row re-timed)
     # first, then rows one thread each, resumable row by row, into bench/results/benchmark_*.json
     bench-reference) say python bench/bench_peers.py --reference --threads 1 --out "$OUT/bench" ;;
     bench-tune-peers-w[0-9]) say python bench/bench_peers.py --split tuning --bits "${1##*-w}" --rows "$PEER_TUNING" \

@@ -75,6 +75,20 @@ def test_test_rows_are_the_tuning_sets_choices(tmp_path):
         bench_peers.tuned_rows(tmp_path / "other.json", 2, best=True)
 
 
+def test_a_rows_clock_is_its_days_reference_read_again():
+    """on_clock: the row's day's first reference within 5% of the first day's and a mean load <= 2.5;
+    reclock re-reads it, so a reference run after the rows (or a replaced job) decides."""
+    days = [{"date": "d1", "cpu": "c", "seconds": 1000.0}, {"date": "d2", "cpu": "c", "seconds": 960.0},
+            {"date": "d2", "cpu": "c", "seconds": 700.0}, {"date": "d3", "cpu": "c", "seconds": 940.0}]
+    row = {"method": "autoround", "machine": {"date": "d2", "cpu": "c", "load_mean": 2.0, "reference_ratio": None}}
+    r = bench_peers.reclock(row, days)
+    assert r["machine"]["reference_seconds"] == 960.0 and r["machine"]["reference_ratio"] == 0.96 and r["on_clock"]
+    assert not bench_peers.reclock(row | {"machine": row["machine"] | {"date": "d3"}}, days)["on_clock"]    # 0.94
+    assert not bench_peers.reclock(row | {"machine": row["machine"] | {"load_mean": 2.6}}, days)["on_clock"]
+    assert not bench_peers.reclock(row | {"machine": row["machine"] | {"cpu": "other"}}, days)["on_clock"]
+    assert bench_peers.reclock(row | {"method": "fp"}, days) == row | {"method": "fp"}          # no clock
+
+
 def test_presets_are_the_tuning_sets_choice():
     """calibrate.py --quick-e2e and --long-e2e resolve to the settings of a 2-bit tuning row on the
     clock, and that row is the lowest tuning perplexity of ApiQ-bw within the bits of rank 8 at its
