@@ -61,6 +61,7 @@ import copy
 import datetime
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,10 +149,19 @@ def parse_row(spec: str) -> dict:
     return {"name": name, "method": method, "settings": settings}
 
 
+def tuning_score(r: dict) -> float:
+    """What --rows best minimises: a row's perplexity on the whole tuning set, the geometric mean of
+    WikiText-2 validation's and the C4 part's (--c4-limit) where it has both, else WikiText-2
+    validation's alone."""
+    return math.sqrt(r["wikitext2_valid"] * r["c4_tuning"]) if r.get("c4_tuning") else r["wikitext2_valid"]
+
+
 def tuned_rows(path: Path, bits: int, best: bool) -> list:
     """The test split's rows, chosen on the tuning set (--rows tuned / best): every row of the tuning
     JSON at `bits` that is on the clock, or only the best of each method in each budget (BUDGETS,
-    BEST_BITS_OVER). Each row with its name and settings as tuned, so its model is reused."""
+    BEST_BITS_OVER): the lowest tuning_score among its rows measured on both parts of the tuning set,
+    or among all its rows where none is. Each row with its name and settings as tuned, so its model
+    is reused."""
     try:
         rows = [r for r in json.loads(path.read_text())["rows"] if r["bits"] == bits and r["method"] != "fp"
                 and r["on_clock"] and r.get("wikitext2_valid") is not None]
@@ -160,15 +170,14 @@ def tuned_rows(path: Path, bits: int, best: bool) -> list:
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not the tuning rows of bench_peers.py --split tuning ({type(e).__name__}: {e})")
     if best:
-        chosen = {}
+        groups = {}                                                       # (method, budget) -> its rows
         for r in rows:
             if r["bits_per_weight"] > bits + BEST_BITS_OVER or r["minutes"] > BUDGETS[-1]:
                 continue
             for budget in (b for b in BUDGETS if r["minutes"] <= b):      # a 12-min row competes at 20 and 40
-                key = (family(r["method"]), budget)
-                if key not in chosen or r["wikitext2_valid"] < chosen[key]["wikitext2_valid"]:
-                    chosen[key] = r
-        rows = list({r["method"]: r for r in chosen.values()}.values())
+                groups.setdefault((family(r["method"]), budget), []).append(r)
+        chosen = [min([r for r in g if r.get("c4_tuning")] or g, key=tuning_score) for g in groups.values()]
+        rows = list({r["method"]: r for r in chosen}.values())
     return [{"name": r["method"], "method": family(r["method"]), "settings": r["settings"]}
             for r in sorted(rows, key=order)]
 

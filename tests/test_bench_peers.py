@@ -38,7 +38,8 @@ def test_bad_rows_are_one_line(tmp_path):
 def test_test_rows_are_the_tuning_sets_choices(tmp_path):
     """--rows tuned / best on the test split: the rows of the tuning JSON as tuned (name and settings,
     so their models are reused), on the clock only; best = the lowest tuning perplexity of each method
-    in each time budget, among rows within BEST_BITS_OVER bits of a packed base."""
+    in each time budget, among rows within BEST_BITS_OVER bits of a packed base: on both parts of the
+    tuning set (geometric mean) among the rows that have both, else on WikiText-2 validation."""
     def row(method, bits, minutes, ppl, bpw, on_clock=True, settings=None):
         return dict(method=method, bits=bits, minutes=minutes, wikitext2_valid=ppl, bits_per_weight=bpw,
                     on_clock=on_clock, settings=settings or {})
@@ -70,6 +71,17 @@ def test_test_rows_are_the_tuning_sets_choices(tmp_path):
     r = subprocess.run([sys.executable, "bench/bench_peers.py", "--rows", "tuned", "--split", "test", "--tuning",
                         str(tmp_path / "none.json"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "is not a file" in r.stderr and "Traceback" not in r.stderr
+    # with the tuning set's C4 part: the geometric mean of both parts, among the rows that have both
+    both = [row("apiq-quick-rank8-e2e_epochs2", 2, 16.2, 74.6, 2.69) | {"c4_tuning": 262.6},      # 139.96
+            row("apiq-quick-rank8-kd", 2, 18.6, 79.3, 2.69) | {"c4_tuning": 213.5},               # 130.12
+            row("apiq-quick-rank8-e2e_epochs1", 2, 12.8, 70.0, 2.69),                             # no C4 part
+            row("autoround-iters50-seqlen256", 2, 16.3, 82.8, 2.33) | {"c4_tuning": 184.3},       # 123.53
+            row("autoround-iters50", 2, 33.9, 66.6, 2.33) | {"c4_tuning": 154.8},                 # 101.54
+            row("autoround-batch_size2", 2, 37.8, 67.3, 2.33), row("gptq", 2, 16.5, 1453.3, 2.33)]
+    (tmp_path / "both.json").write_text(json.dumps({"rows": both}))
+    assert [r["name"] for r in bench_peers.tuned_rows(tmp_path / "both.json", 2, best=True)] == [
+        "apiq-quick-rank8-kd", "gptq", "autoround-iters50-seqlen256", "autoround-iters50"]
+    assert bench_peers.tuning_score(both[0]) == pytest.approx((74.6 * 262.6) ** 0.5)
     (tmp_path / "other.json").write_text(json.dumps({"rows": [{"method": "rtn", "bits": 2}]}))
     with pytest.raises(ValueError, match="not the tuning rows of bench_peers.py"):
         bench_peers.tuned_rows(tmp_path / "other.json", 2, best=True)
@@ -92,7 +104,8 @@ def test_a_rows_clock_is_its_days_reference_read_again():
 def test_presets_are_the_tuning_sets_choice():
     """calibrate.py --quick-e2e and --long-e2e resolve to the settings of a 2-bit tuning row on the
     clock, and that row is the lowest tuning perplexity of ApiQ-bw within the bits of rank 8 at its
-    minutes or fewer (the choice the presets stand for)."""
+    minutes or fewer (the choice the presets stand for; both parts of the tuning set where the rows
+    have both, as --rows best chooses)."""
     import calibrate
     rows = json.loads((ROOT / "bench" / "results" / "benchmark_tuning.json").read_text())["rows"]
     ours = [r for r in rows if r["bits"] == 2 and bench_peers.family(r["method"]) == "apiq" and r["on_clock"]
@@ -100,7 +113,9 @@ def test_presets_are_the_tuning_sets_choice():
     for name in ("quick_e2e", "long_e2e"):
         want = calibrate.make_config(**{name: True})
         row = next(r for r in ours if _same(calibrate.make_config(**r["settings"]), want))
-        assert row["wikitext2_valid"] == min(r["wikitext2_valid"] for r in ours if r["minutes"] <= row["minutes"])
+        rivals = [r for r in ours if r["minutes"] <= row["minutes"]]
+        rivals = [r for r in rivals if r.get("c4_tuning")] or rivals        # --rows best's rule
+        assert bench_peers.tuning_score(row) == min(map(bench_peers.tuning_score, rivals))
     with pytest.raises(ValueError, match="--quick and --quick-e2e are different recipes"):
         calibrate.make_config(quick=True, quick_e2e=True)
 
