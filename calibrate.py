@@ -359,10 +359,11 @@ class Config:
                                choices=tuple(DTYPES), type=str)
     quick: bool = arg(False, f"the CPU recipe (SmolLM2: < 10 min on one core): {as_flags(QUICK)}", result=False)
     long: bool = arg(False, f"the long CPU recipe (SmolLM2: ~1 h on one core): {as_flags(LONG)}", result=False)
-    quick_e2e: bool = arg(False, "--quick at rank 8 with signed steps and the end-to-end stage (the KL, half the "
-                          f"text C4), chosen against AutoRound (SmolLM2: ~19 min on one core): {as_flags(QUICK_E2E)}",
+    quick_e2e: bool = arg(False, "--quick at rank 8 with signed steps and the end-to-end stage, half the text C4, "
+                          f"chosen against AutoRound (SmolLM2: ~16 min on one core): {as_flags(QUICK_E2E)}",
                           result=False)
-    long_e2e: bool = arg(False, f"the same on 64 windows (SmolLM2: ~37 min on one core): {as_flags(LONG_E2E)}",
+    long_e2e: bool = arg(False, "the same on 64 windows, the stage on the KL to full precision (SmolLM2: ~36 min "
+                         f"on one core): {as_flags(LONG_E2E)}",
                          result=False)
     out: Optional[str] = arg(None, "output directory (default out/<ckpt>-<method>-w<bits>g<group>)", result=False)
     data_dir: Optional[str] = arg(None, "local data directory (default $APIQ_DATA_DIR or ../shared/data)", result=False)
