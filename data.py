@@ -119,11 +119,12 @@ def c4_eval_docs(tok, docs) -> set:
     return set(random_doc_windows(tok, docs, 256, 2048, seed=0)[1])
 
 
-def c4_tuning_stream(tok, docs, seqlen=2048):
+def c4_tuning_stream(tok, docs, seqlen=2048, held=None):
     """The tuning set's C4 part ("c4-tuning") before windowing: (token ids, the documents' indices).
     The documents no C4 test window touches, in file order, joined with '\\n\\n', until they fill 64
-    windows of seqlen; calibration on mixed text (calib_windows) leaves these documents out too."""
-    held, ids, used = c4_eval_docs(tok, docs), [], []
+    windows of seqlen; calibration on mixed text (calib_windows) leaves these documents out too.
+    held: c4_eval_docs(tok, docs) where the caller has it already."""
+    held, ids, used = c4_eval_docs(tok, docs) if held is None else held, [], []
     for i, d in enumerate(docs):
         if i not in held:
             ids += tok.encode(d, bos=not ids) + tok.encode("\\n\\n", bos=False)
@@ -165,15 +166,16 @@ def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", d
     documents that neither a test window nor the tuning set's C4 part touches (c4_tuning_stream)."""
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be positive")
-    if dataset == "wikitext2+c4":
-        docs = c4_docs(data_dir)
-        held = c4_eval_docs(tok, docs) | set(c4_tuning_stream(tok, docs)[1])
-        c4 = random_doc_windows(tok, [d for i, d in enumerate(docs) if i not in held], nsamples // 2, seqlen, seed)[0]
-        return torch.cat([calib_windows(tok, nsamples - nsamples // 2, seqlen, seed, "wikitext2", data_dir), c4])
-    if dataset == "c4":                          # documents no C4 test window touches
+    if dataset in ("c4", "wikitext2+c4"):        # documents no C4 test window (and, mixed, no tuning window) touches
         docs = c4_docs(data_dir)
         held = c4_eval_docs(tok, docs)
-        return random_doc_windows(tok, [d for i, d in enumerate(docs) if i not in held], nsamples, seqlen, seed)[0]
+        if dataset == "wikitext2+c4":
+            held = held | set(c4_tuning_stream(tok, docs, held=held)[1])
+        n = nsamples if dataset == "c4" else nsamples // 2
+        c4 = random_doc_windows(tok, [d for i, d in enumerate(docs) if i not in held], n, seqlen, seed)[0]
+        if dataset == "c4":
+            return c4
+        return torch.cat([calib_windows(tok, nsamples - n, seqlen, seed, "wikitext2", data_dir), c4])
     if dataset != "wikitext2":
         raise ValueError(f"unknown dataset {dataset!r}: choose from {', '.join(CALIBRATION_SETS)}")
     ids = token_stream(tok, "train", data_dir)
