@@ -238,18 +238,26 @@ def reference_days(a) -> list:
     return json.loads(reference_path(a).read_text())["days"] if reference_path(a).exists() else []
 
 
-def day_clock(days, date, cpu) -> dict:
-    """A day's reference seconds on a CPU (the first that day) and their ratio to the first day's;
-    None where that day's reference was not run."""
-    mine = [d for d in days if d["date"] == date and d["cpu"] == cpu]
+def boot() -> str:
+    """This machine's boot (the kernel's boot id): a fresh machine on the same date is a new clock."""
+    f = Path("/proc/sys/kernel/random/boot_id")
+    return f.read_text().strip() if f.exists() else "unknown"
+
+
+def day_clock(days, date, cpu, booted=None) -> dict:
+    """A day's reference seconds on a CPU (the first that day on that machine's boot: entries and rows
+    made before boots were recorded have none, and match each other) and their ratio to the first
+    day's; None where that day's reference was not run."""
+    mine = [d for d in days if d["date"] == date and d["cpu"] == cpu and d.get("boot") == booted]
     ref = mine[0]["seconds"] if mine else None
     first = days[0]["seconds"] if days else None
     return {"reference_seconds": ref, "reference_ratio": round(ref / first, 4) if ref and first else None}
 
 
 def clock(a) -> dict:
-    """What every row records of the machine: the CPU, the date, that day's reference (day_clock)."""
-    return {"cpu": cpu_model(), "date": today(), **day_clock(reference_days(a), today(), cpu_model())}
+    """What every row records of the machine: the CPU, the date, the boot, that day's reference (day_clock)."""
+    return {"cpu": cpu_model(), "date": today(), "boot": boot(),
+            **day_clock(reference_days(a), today(), cpu_model(), boot())}
 
 
 def reclock(row, days) -> dict:
@@ -257,7 +265,7 @@ def reclock(row, days) -> dict:
     if row["method"] == "fp":
         return row
     m = row["machine"]
-    row = row | {"machine": m | day_clock(days, m["date"], m["cpu"])}
+    row = row | {"machine": m | day_clock(days, m["date"], m["cpu"], m.get("boot"))}
     return row | {"on_clock": on_clock(row)}
 
 
@@ -657,7 +665,7 @@ def reference(a):
     _, seconds, loadavg = timed_peer(row["method"], REFERENCE["bits"], s, a)
     path = reference_path(a)
     saved = json.loads(path.read_text()) if path.exists() else {}
-    days = saved.get("days", []) + [{"date": today(), "cpu": cpu_model(), "seconds": round(seconds, 2),
+    days = saved.get("days", []) + [{"date": today(), "cpu": cpu_model(), "boot": boot(), "seconds": round(seconds, 2),
                                      "threads": a.threads, **loadavg}]
     write_json(path, saved | {"job": f"the row {row['name']} at {REFERENCE['bits']} bits ({REFERENCE['row']}), timed as "
                                      f"the rows are, from loading the model; not evaluated", "days": days})

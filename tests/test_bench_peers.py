@@ -88,8 +88,8 @@ def test_test_rows_are_the_tuning_sets_choices(tmp_path):
 
 
 def test_a_rows_clock_is_its_days_reference_read_again():
-    """on_clock: the row's day's first reference within 5% of the first day's and a mean load <= 2.5;
-    reclock re-reads it, so a reference run after the rows (or a replaced job) decides."""
+    """on_clock: the row's day's first reference (on its machine's boot) within 5% of the first day's and
+    a mean load <= 2.5; reclock re-reads it, so a reference run after the rows (or a replaced job) decides."""
     days = [{"date": "d1", "cpu": "c", "seconds": 1000.0}, {"date": "d2", "cpu": "c", "seconds": 960.0},
             {"date": "d2", "cpu": "c", "seconds": 700.0}, {"date": "d3", "cpu": "c", "seconds": 940.0}]
     row = {"method": "autoround", "machine": {"date": "d2", "cpu": "c", "load_mean": 2.0, "reference_ratio": None}}
@@ -99,6 +99,11 @@ def test_a_rows_clock_is_its_days_reference_read_again():
     assert not bench_peers.reclock(row | {"machine": row["machine"] | {"load_mean": 2.6}}, days)["on_clock"]
     assert not bench_peers.reclock(row | {"machine": row["machine"] | {"cpu": "other"}}, days)["on_clock"]
     assert bench_peers.reclock(row | {"method": "fp"}, days) == row | {"method": "fp"}          # no clock
+    # a fresh machine (another boot) on the same date is a new clock: its own first reference
+    days += [{"date": "d2", "cpu": "c", "boot": "b2", "seconds": 1100.0}]
+    assert not bench_peers.reclock(row | {"machine": row["machine"] | {"boot": "b2"}}, days)["on_clock"]   # 1.10
+    assert bench_peers.reclock(row, days)["machine"]["reference_seconds"] == 960.0         # rows without a boot
+    assert bench_peers.reclock(row | {"machine": row["machine"] | {"boot": "b3"}}, days)["machine"]["reference_ratio"] is None
 
 
 def test_presets_are_the_tuning_sets_choice():
