@@ -200,6 +200,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_detail() -> str:
+    """What the model name leaves out and the rows' minutes depend on: the CPU's family and model
+    numbers, and whether it has bf16 instructions (AutoRound's CPU default computes the block in
+    bf16; ApiQ in fp32)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {}
+    for line in info.splitlines():
+        k, _, v = line.partition(":")
+        fields.setdefault(k.strip(), v.strip())                  # the first CPU's
+    bf16 = "avx512_bf16" if "avx512_bf16" in info else "amx_bf16" if "amx_bf16" in info else "no bf16"
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {bf16}"
+
+
 class LoadMeter:
     """The 1-minute load average, sampled every `every` seconds while a row runs (mean and max)."""
 
@@ -256,7 +269,7 @@ def day_clock(days, date, cpu, booted=None) -> dict:
 
 def clock(a) -> dict:
     """What every row records of the machine: the CPU, the date, the boot, that day's reference (day_clock)."""
-    return {"cpu": cpu_model(), "date": today(), "boot": boot(),
+    return {"cpu": cpu_model(), "cpu_detail": cpu_detail(), "date": today(), "boot": boot(),
             **day_clock(reference_days(a), today(), cpu_model(), boot())}
 
 
@@ -665,7 +678,8 @@ def reference(a):
     _, seconds, loadavg = timed_peer(row["method"], REFERENCE["bits"], s, a)
     path = reference_path(a)
     saved = json.loads(path.read_text()) if path.exists() else {}
-    days = saved.get("days", []) + [{"date": today(), "cpu": cpu_model(), "boot": boot(), "seconds": round(seconds, 2),
+    days = saved.get("days", []) + [{"date": today(), "cpu": cpu_model(), "cpu_detail": cpu_detail(), "boot": boot(),
+                                     "seconds": round(seconds, 2),
                                      "threads": a.threads, **loadavg}]
     write_json(path, saved | {"job": f"the row {row['name']} at {REFERENCE['bits']} bits ({REFERENCE['row']}), timed as "
                                      f"the rows are, from loading the model; not evaluated", "days": days})
