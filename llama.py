@@ -110,8 +110,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, freqs_cis, kv=None):
-        """x (B, T, dim) at positions pos..pos+T-1; kv = (k_cache, v_cache, pos) of this block
-        (KVCache) when generating, else None (pos 0, nothing kept)."""
+        """x (B, T, dim) at positions pos..pos+T-1; kv = (k_cache, v_cache, pos, pad) of this block
+        (KVCache) when generating, else None (pos 0, nothing kept). pad (B,) or None: each row's
+        left padding (KVCache), keys no real position may see."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
@@ -119,10 +120,15 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, k, freqs_cis)
         pos, mask = 0, None
         if kv is not None:                  # the keys and values of earlier positions come from the cache
-            k_cache, v_cache, pos = kv
+            k_cache, v_cache, pos, pad = kv
             k_cache[:B, pos:pos + T], v_cache[:B, pos:pos + T] = k, v
             k, v = k_cache[:B, :pos + T], v_cache[:B, :pos + T]       # (B, pos + T, Hkv, hd)
-            if pos and T > 1:               # new position i sees cached ones and new ones up to itself
+            if pad is not None:             # left-padded rows: key j is seen from i >= j, never a pad
+                i = torch.arange(pos, pos + T, device=x.device)[:, None]             # (T, 1) queries
+                j = torch.arange(pos + T, device=x.device)                             # (pos + T,) keys
+                mask = ((j <= i) & ((j >= pad[:, None, None]) | (j == i)))[:, None]  # (B, 1, T, pos + T)
+                # (a pad position sees itself alone: finite, and no real position reads it)
+            elif pos and T > 1:             # new position i sees cached ones and new ones up to itself
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
         # grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads
         rep = self.n_heads // self.n_kv_heads
@@ -130,7 +136,8 @@ class Attention(nn.Module):
         v = v.repeat_interleave(rep, dim=2)                          # (B, pos + T, H, hd)
         # (B, T, H, hd) -> (B, H, T, hd) each; one new position after a prefix needs no mask
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, is_causal=pos == 0 and T > 1)  # (B, H, T, hd)
+                                             attn_mask=mask, is_causal=mask is None and pos == 0 and T > 1)
+        # out: (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))        # (B, T, dim)
 
 
@@ -183,7 +190,7 @@ class Transformer(nn.Module):
         start, T = (0 if cache is None else cache.pos), tokens.shape[1]
         freqs_cis = self.freqs_cis(start + T, h.device)[start:]       # (T, hd/2) complex
         for l, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, None if cache is None else (cache.k[l], cache.v[l], start))
+            h = layer(h, freqs_cis, None if cache is None else (cache.k[l], cache.v[l], start, cache.pad))
         if cache is not None:
             cache.pos += T
         return self.norm(h)
@@ -194,15 +201,20 @@ class Transformer(nn.Module):
 
 class KVCache:
     """Every block's keys and values of the positions seen so far, for generation: preallocated
-    (n_layers, batch, max_len, Hkv, hd) as in Meta's llama3 model.py; `pos` positions are filled."""
+    (n_layers, batch, max_len, Hkv, hd) as in Meta's llama3 model.py; `pos` positions are filled.
+    Prompts of different lengths in one batch are padded on the left, so that every row's next token
+    is at the same position: pad (batch,) holds each row's padding, whose keys attention skips. RoPE
+    scores depend on i - j alone, so a row's shift by its padding leaves its attention as it was."""
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, device="cpu", dtype=torch.float32):
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device="cpu", dtype=torch.float32,
+                 pad: torch.Tensor = None):
         if max_len > args.max_seq_len:
             raise ValueError(f"{max_len} positions: more than the model's context of {args.max_seq_len}")
         shape = (args.n_layers, batch, max_len, args.n_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.pad = None if pad is None else pad.to(device)
 
 
 def assign_weights(model: Transformer, sd: dict, tied: bool) -> tuple:

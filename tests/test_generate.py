@@ -3,7 +3,7 @@ pass over the whole sequence, the same greedy text as recomputing the prefix, sa
 import pytest
 import torch
 
-from evaluate import generate, next_token
+from evaluate import generate, generate_greedy, next_token
 from llama import KVCache
 
 
@@ -36,6 +36,26 @@ def test_greedy_equals_prefix_recompute_and_streams(smollm2):
     assert text == prefix_recompute(model, tok, "The capital of France is", 16)
     assert "".join(pieces) == text and len(pieces) > 3
     assert "Paris" in text
+
+
+def test_a_left_padded_batch_is_each_prompt_alone(smollm2):
+    """generate_greedy pads prompts of different lengths on the left (llama.KVCache's pad): each row's
+    logits at its last prompt position are its own forward's, and its greedy text generate()'s."""
+    model, tok = smollm2
+    prompts = ["The capital of France is", "Water boils at a temperature of 100 degrees",
+               "One, two, three,", "In 1969 the first men to walk on the Moon were Neil Armstrong and"]
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    longest = max(map(len, ids))
+    pad = torch.tensor([longest - len(i) for i in ids])
+    assert len(set(pad.tolist())) == 4                                               # four different paddings
+    x = torch.tensor([[0] * (longest - len(i)) + i for i in ids])                    # (4, longest)
+    with torch.no_grad():
+        last = model(x, KVCache(model.args, 4, longest, pad=pad))[:, -1]            # (4, vocab)
+        alone = torch.stack([model(torch.tensor([i]))[0, -1] for i in ids])
+    torch.testing.assert_close(last, alone, atol=2e-4, rtol=1e-4)
+    texts = generate_greedy(model, tok, prompts, max_new_tokens=12)
+    assert texts == [generate(model, tok, p, max_new_tokens=12) for p in prompts]
+    assert "Paris" in texts[0] and "Buzz" in texts[3]
 
 
 def test_sampling_options():
