@@ -403,6 +403,24 @@ def check_config(cfg):
     check_device(cfg.device, DTYPES[cfg.dtype])
 
 
+def held_out_before(model, tok, cfg, out, settings) -> dict:
+    """held_out() of the start, kept in OUT/eval_before.json until the run ends: a run resumed after a
+    kill reads it back instead of scoring the start again (with task scores that is ~half an hour on
+    one core). It is read only under the same settings (the start and the evaluation among them)."""
+    path = out / "eval_before.json"
+    if path.exists():
+        try:
+            kept = json.loads(path.read_text())
+        except ValueError:                     # cannot be half-written (atomic), but may be foreign
+            kept = {}
+        if kept.get("settings") == json.loads(json.dumps(settings)):
+            print(f"before: read back from {path}")
+            return kept["eval"]
+    before = held_out(model, tok, cfg)
+    write_json(path, {"settings": settings, "eval": before})
+    return before
+
+
 def main(cfg: Config):
     check_config(cfg)
     out = finetune_dir(cfg)
@@ -428,7 +446,7 @@ def main(cfg: Config):
     settings = result_settings(cfg)
     print(f"{source['method']} model {cfg.ckpt}: {len(adapters(model))} adapters, {n_params / 1e6:.2f}M trainable; "
           f"{what} of {cfg.data}")
-    before = held_out(model, tok, cfg) if cfg.eval_before else None
+    before = held_out_before(model, tok, cfg, out, settings) if cfg.eval_before else None
     if before:
         report("before", before)
     reset_peak_memory(cfg.device)
@@ -442,6 +460,7 @@ def main(cfg: Config):
                                            **size, "eval_before": before, **summary,
                                            "peak_gib": round(peak, 3), "log": log})
     (out / "checkpoint.pt").unlink(missing_ok=True)
+    (out / "eval_before.json").unlink(missing_ok=True)                               # kept in the log now
     print(f"wrote {out}")
     return summary
 

@@ -297,6 +297,35 @@ def test_a_local_prompt_answer_file_end_to_end(tiny_qlora, tmp_path):
     assert (tmp_path / "tasks.png").stat().st_size > 10_000
 
 
+def test_a_resumed_run_reads_the_start_s_scores_back(tiny_qlora, tmp_path, monkeypatch):
+    """--eval-before scores the start once: a run killed in training reads OUT/eval_before.json back
+    (under the same settings only), and the finished log carries it."""
+    import finetune
+    calls, real_held_out, real_train = [], finetune.held_out, finetune.train
+    monkeypatch.setattr(finetune, "held_out", lambda *a: calls.append(1) or real_held_out(*a))
+
+    def killed(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune, "train", killed)
+    cfg = config(tiny_qlora, tmp_path / "ft", eval_before=True, eval_tasks="piqa", eval_items=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(cfg)
+    kept = json.loads((tmp_path / "ft" / "eval_before.json").read_text())
+    assert len(calls) == 1 and kept["eval"]["tasks"]["generated"]["piqa"]["n"] == 2
+    monkeypatch.setattr(finetune, "train", real_train)
+    finetune.main(cfg)
+    log = json.loads((tmp_path / "ft" / "finetune_log.json").read_text())
+    assert len(calls) == 2 and log["eval_before"] == kept["eval"]                # the start not scored again
+    assert not (tmp_path / "ft" / "eval_before.json").exists()
+    other = tmp_path / "other"                                                  # other settings: scored anew
+    (other).mkdir()
+    (other / "eval_before.json").write_text(json.dumps({"settings": {"lr": 1}, "eval": {"tasks": "stale"}}))
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(finetune, "train", killed)
+        finetune.main(config(tiny_qlora, other, eval_before=True, eval_tasks="piqa", eval_items=2))
+    assert len(calls) == 3 and json.loads((other / "eval_before.json").read_text())["eval"] == kept["eval"]
+
+
 def test_an_official_set_by_name_reads_through_datasets(tiny_qlora, tmp_path, monkeypatch):
     """commonsense_170k through `datasets` (replaced here by a small local .jsonl in its layout, since
     the Hub is out of reach): the same records, the commonsense template; unreachable, one line."""
