@@ -138,8 +138,8 @@ step() {
     # finetune.py --data commonsense (the five tasks' train parts, the official multitask settings; the
     # same recipe for every start, --seed the example order) into OUT/tasks/; before (seed 0 only: the
     # start is the same) and after, each task's 300 held-out items by both scorings (~2 h a run on one
-    # core: the start's scores ~32 min, 108 steps ~55 min, the scores after). <start>: qlora, loftq, apiq-bw (calib-* steps: --quick, rank 64); tasks-fp-s<seed>: full
-    # precision + LoRA. tasks-table: bench/results/task_study.json and figures/task_study.png.
+    # core: the start's scores ~32 min, 108 steps ~55 min, the scores after). <start>: qlora, loftq,
+    # apiq-bw (calib-* steps: --quick, rank 64); tasks-fp-s<seed>: full precision + LoRA. tasks-table: bench/results/task_study.json and figures/task_study.png.
     tasks-fp-s[0-9]*) local s=${1##*-s}
       [ -f "$OUT/tasks/fp-lora-s$s/finetune_log.json" ] || say python finetune.py --ckpt smollm2-135m --fp-lora \
         --data commonsense --seed "$s" --threads "$THREADS" --out "$OUT/tasks/fp-lora-s$s" ;;

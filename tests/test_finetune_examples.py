@@ -318,10 +318,10 @@ def test_a_resumed_run_reads_the_start_s_scores_back(tiny_qlora, tmp_path, monke
     assert len(calls) == 2 and log["eval_before"] == kept["eval"]                # the start not scored again
     assert not (tmp_path / "ft" / "eval_before.json").exists()
     other = tmp_path / "other"                                                  # other settings: scored anew
-    (other).mkdir()
+    other.mkdir()
     (other / "eval_before.json").write_text(json.dumps({"settings": {"lr": 1}, "eval": {"tasks": "stale"}}))
+    monkeypatch.setattr(finetune, "train", killed)
     with pytest.raises(KeyboardInterrupt):
-        monkeypatch.setattr(finetune, "train", killed)
         finetune.main(config(tiny_qlora, other, eval_before=True, eval_tasks="piqa", eval_items=2))
     assert len(calls) == 3 and json.loads((other / "eval_before.json").read_text())["eval"] == kept["eval"]
 
