@@ -139,8 +139,14 @@ step() {
     # same recipe for every start, --seed the example order) into OUT/tasks/; before (seed 0 only: the
     # start is the same) and after, each task's 300 held-out items by both scorings (~2 h a run on one
     # core: the start's scores ~32 min, 108 steps ~55 min, the scores after). <start>: qlora, loftq,
-    # apiq-bw (calib-* steps: --quick, rank 64); tasks-fp-s<seed>: full precision + LoRA. tasks-table: bench/results/task_study.json and figures/task_study.png.
+    # apiq-bw (calib-* steps: --quick, rank 64); tasks-fp-s<seed>: full precision + LoRA (its start
+    # scored by tasks-fp-before, evaluate.py on the same items). tasks-table: bench/results/task_study.json
+    # and figures/task_study.png.
+    tasks-fp-before) [ -f "$OUT/tasks/fp-before.json" ] || say python evaluate.py --ckpt smollm2-135m --ppl '' \
+        --tasks all --task-part held_out --task-limit 300 --generate-answers --threads "$THREADS" \
+        --json "$OUT/tasks/fp-before.json" ;;
     tasks-fp-s[0-9]*) local s=${1##*-s}
+      [ "$s" = 0 ] && step tasks-fp-before
       [ -f "$OUT/tasks/fp-lora-s$s/finetune_log.json" ] || say python finetune.py --ckpt smollm2-135m --fp-lora \
         --data commonsense --seed "$s" --threads "$THREADS" --out "$OUT/tasks/fp-lora-s$s" ;;
     tasks-*-w[0-9]-s[0-9]*) local run=${1#tasks-}; local start=${run%-w*} b=${run##*-w} s=${run##*-s}; b=${b%-s*}

@@ -5,13 +5,19 @@ precision + LoRA as the reference) for SmolLM2 on the five local commonsense tas
     python plots/task_study.py out/results/tasks --json bench/results/task_study.json   # collect, then draw
     python plots/task_study.py bench/results/task_study.json                           # draw the kept JSON
 
+A study made over several sessions or machines: a run already in the --json file and not under
+the results directory is kept (a row under the directory replaces the file's row of the same start,
+bits and seed), so each lane's directory can be collected into one JSON in turn.
+
 Reads RESULTS/<start>-w<bits>-s<seed>/finetune_log.json and RESULTS/fp-lora-s<seed>/finetune_log.json
-(results.sh tasks-* steps: finetune.py --data commonsense --eval-before), writes one row a run to
+(results.sh tasks-* steps: finetune.py --data commonsense --eval-before; full precision's start is
+scored by evaluate.py into RESULTS/fp-before.json, results.sh tasks-fp-before), writes one row a run to
 --json: before and after finetuning, each task's accuracy on its held-out items by the official
 evaluation (the answer generated, parsed) and by lm-eval's log-likelihood scoring, their averages
 with a standard error, minutes and peak memory. The figure: one panel a scoring, the after-finetuning
 average of each start by bits (seeds averaged; error bars: the standard error of that average),
-full precision + LoRA a horizontal line, each start's before-finetuning average a hollow marker.
+full precision + LoRA a horizontal line, chance a dotted one (1 / the number of options, averaged
+over the scored items and then the tasks), each start's before-finetuning average a hollow marker.
 Prints the Markdown table.
 """
 import math
@@ -34,6 +40,21 @@ def scores(ev: dict) -> dict:
         var = sum(r["acc"] * (1 - r["acc"]) / r["n"] for r in per.values())
         out[scoring] = {"tasks": accs, "avg": sum(accs.values()) / len(accs), "se": math.sqrt(var) / len(accs),
                         "n": min(r["n"] for r in per.values())}
+    return out
+
+
+def chance(rows: list, data_dir=None) -> dict:
+    """{task: mean over the scored items of 1 / their number of options, "avg": over the tasks}: what
+    answering at random scores, on the held-out items the runs were scored on (the first n of
+    examples.task_parts' part)."""
+    from examples import task_parts
+    from tasks import item_requests
+    out = {}
+    for task, r in rows[0]["after"]["zeroshot"]["tasks"].items() if rows else ():
+        items = getattr(task_parts(task, data_dir), rows[0]["part"])[: rows[0]["after"]["zeroshot"]["n"]]
+        out[task] = sum(1 / len(item_requests(i)) for i in items) / len(items)
+    if out:
+        out["avg"] = sum(out.values()) / len(out)
     return out
 
 
@@ -88,7 +109,7 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def draw(rows: list, out: str):
+def draw(rows: list, out: str, chance_avg=None):
     bits = sorted({r["bits"] for r in rows if r["bits"]})
     starts = [s for s in STARTS if any(r["start"] == s for r in rows)]
     fig, axes = plt.subplots(1, len(SCORINGS), figsize=(5.5 * len(SCORINGS), 4), squeeze=False)
@@ -105,6 +126,8 @@ def draw(rows: list, out: str):
                        edgecolors=bars.patches[0].get_facecolor() if bars.patches else "k", zorder=3)
         if (ref := s.get(("fp-lora", None))) is not None:
             ax.axhline(100 * ref[0], color="k", ls="--", lw=1, label="full precision + LoRA")
+        if chance_avg is not None:
+            ax.axhline(100 * chance_avg, color="0.4", ls=":", lw=1, label="chance")
         ax.set_xticks(range(len(bits)), [f"{b} bits" for b in bits])
         ax.set_ylabel("average accuracy after finetuning (%)")
         ax.set_title(title, fontsize=10)
@@ -121,17 +144,31 @@ def main(a):
         if not rows:
             raise ValueError(f"{src}: no finished run (<start>-w<bits>-s<seed>/finetune_log.json; "
                              f"results.sh tasks-* steps)")
+        if a.json and Path(a.json).is_file():
+            new = {(r["start"], r["bits"], r["seed"]) for r in rows}
+            kept = [r for r in read_json(Path(a.json))["rows"] if (r["start"], r["bits"], r["seed"]) not in new]
+            print(f"kept {len(kept)} run(s) of {a.json} not under {src}")
+            rows = kept + rows
+        if (fp := src / "fp-before.json").is_file():          # evaluate.py --generate-answers on the same items
+            ev = read_json(fp)
+            for r in rows:
+                if r["start"] == "fp-lora":
+                    r["before"] = scores({"tasks": {"zeroshot": ev["zeroshot"], "generated": ev["zeroshot_generated"]}})
+        odds = chance(rows)
         if a.json:
             from cli import write_json
             write_json(a.json, {"model": "smollm2-135m", "source": "plots/task_study.py over results.sh tasks-* steps",
-                                "rows": rows})
+                                "chance": odds, "rows": rows})
             print(f"wrote {a.json}")
     elif src.is_file():
-        rows = read_json(src)["rows"]
+        kept = read_json(src)
+        rows, odds = kept["rows"], kept.get("chance") or chance(kept["rows"])
     else:
         raise FileNotFoundError(f"{src}: neither a results directory nor a JSON written by this script")
     print(table(rows))
-    draw(rows, a.out)
+    print(f"chance (1 / options, the same items): {100 * odds['avg']:.1f} on average; "
+          + ", ".join(f"{t} {100 * p:.1f}" for t, p in odds.items() if t != "avg"))
+    draw(rows, a.out, odds["avg"])
 
 
 if __name__ == "__main__":

@@ -289,12 +289,21 @@ def test_a_local_prompt_answer_file_end_to_end(tiny_qlora, tmp_path):
     (tmp_path / "ft").rename(tmp_path / "study" / "qlora-w2-s0")
     study.main(SimpleNamespace(results=str(tmp_path / "study"), json=str(tmp_path / "study.json"),
                                out=str(tmp_path / "tasks.png")))
-    row, = json.loads((tmp_path / "study.json").read_text())["rows"]
+    kept = json.loads((tmp_path / "study.json").read_text())
+    row, = kept["rows"]
+    assert kept["chance"] == {"piqa": 0.5, "avg": 0.5}                          # PIQA: two solutions an item
     p = piqa["acc"]
     assert (row["start"], row["bits"], row["seed"], row["before"]) == ("qlora", 2, 0, None)
     assert row["after"]["generated"]["avg"] == p and row["after"]["generated"]["se"] == pytest.approx(
         math.sqrt(p * (1 - p) / 2))
     assert (tmp_path / "tasks.png").stat().st_size > 10_000
+    # collected again from another lane's directory into the same JSON: the first run's row is kept
+    (tmp_path / "lane2").mkdir()
+    (tmp_path / "study" / "qlora-w2-s0").rename(tmp_path / "lane2" / "qlora-w2-s1")
+    study.main(SimpleNamespace(results=str(tmp_path / "lane2"), json=str(tmp_path / "study.json"),
+                               out=str(tmp_path / "tasks.png")))
+    rows = json.loads((tmp_path / "study.json").read_text())["rows"]
+    assert [(r["start"], r["seed"]) for r in rows] == [("qlora", 0), ("qlora", 1)] and rows[0] == row
 
 
 def test_a_resumed_run_reads_the_start_s_scores_back(tiny_qlora, tmp_path, monkeypatch):
