@@ -49,12 +49,12 @@ def chance(rows: list, data_dir=None) -> dict:
     examples.task_parts' part)."""
     from examples import task_parts
     from tasks import item_requests
+    scored = rows[0]["after"]["zeroshot"]                      # every row: the same part, tasks and n
     out = {}
-    for task, r in rows[0]["after"]["zeroshot"]["tasks"].items() if rows else ():
-        items = getattr(task_parts(task, data_dir), rows[0]["part"])[: rows[0]["after"]["zeroshot"]["n"]]
+    for task in scored["tasks"]:
+        items = getattr(task_parts(task, data_dir), rows[0]["part"])[: scored["n"]]
         out[task] = sum(1 / len(item_requests(i)) for i in items) / len(items)
-    if out:
-        out["avg"] = sum(out.values()) / len(out)
+    out["avg"] = sum(out.values()) / len(out)
     return out
 
 
@@ -161,8 +161,8 @@ def main(a):
                                 "chance": odds, "rows": rows})
             print(f"wrote {a.json}")
     elif src.is_file():
-        kept = read_json(src)
-        rows, odds = kept["rows"], kept.get("chance") or chance(kept["rows"])
+        study = read_json(src)
+        rows, odds = study["rows"], study.get("chance") or chance(study["rows"])
     else:
         raise FileNotFoundError(f"{src}: neither a results directory nor a JSON written by this script")
     print(table(rows))
