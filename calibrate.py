@@ -436,7 +436,8 @@ def main(cfg: Config):
             teacher = None                     # --e2e-loss kd: the full-precision model, loaded again
             if cfg.e2e_loss == "kd":
                 teacher = load(cfg.ckpt, device=cfg.device, dtype=DTYPES[cfg.dtype])[0].eval().requires_grad_(False)
-            e2e = end_to_end(model, tokens, cfg.e2e_epochs, cfg.e2e_lr_scale, cfg.e2e_lr_lora, cfg.device, teacher)
+            e2e = end_to_end(model, tokens, cfg.e2e_epochs, cfg.e2e_lr_scale, cfg.e2e_lr_lora, cfg.device, teacher,
+                             DTYPES[cfg.dtype])
             del teacher
             print(f"end to end: {len(e2e)} steps, loss {e2e[0]['loss']:.4f} -> {e2e[-1]['loss']:.4f}")
         write_json(out / "calib_log.json", {"config": asdict(cfg), "blocks": logs, "end_to_end": e2e})

@@ -19,6 +19,7 @@ one epoch, batch 32). The stage is short against the block-wise pass and is not 
 run killed inside it replays the saved blocks and runs the stage again.
 """
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -31,12 +32,14 @@ from recipes import lr_factor
 MAX_GRAD_NORM = 0.3   # EfficientQAT's E2E-QP scripts (--max_grad_norm 0.3)
 
 
-def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=None) -> list:
+def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=None, dtype=torch.float32) -> list:
     """Train every frozen QuantLinear's scale (and A, B where lr_lora > 0) of `model` on windows
     `tokens` (n, T) for `epochs` passes, one window a step in fixed order, on next-token cross-
     entropy or, with a full-precision `teacher`, the KL to its distribution; the codes and zero
     points do not change. The scales stay where they are stored (fp32), so the model saves as
-    before; the model ends where it was, in eval mode. Returns the log: loss, the step's seconds."""
+    before; with `dtype` bf16 / fp16 (calibrate.py --dtype) the matmuls run under autocast, as the
+    block-wise pass's do. The model ends where it was, in eval mode. Returns the log: loss, the
+    step's seconds."""
     lins = [m for _, m in quant_linears(model)]
     scales = [m.scale for m in lins] if lr_scale > 0 else []
     lora = [p for m in lins for p in m.lora_parameters()] if lr_lora > 0 else []
@@ -59,6 +62,8 @@ def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=N
     total = epochs * len(tokens)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor("cosine", k, total))
     model.to(device).train()
+    device = next(model.parameters()).device
+    cast = nullcontext if dtype == torch.float32 else lambda: torch.autocast(device.type, dtype=dtype)
     log, bar = [], tqdm(total=total, desc="end to end", unit="step", mininterval=1.0)
     try:
         for _ in range(epochs):
@@ -66,7 +71,8 @@ def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=N
                 t0 = time.time()
                 for m, c in zip(lins, codes):          # (out, in): Q(W) from the fixed codes, eq. (6)
                     m.q_cache = dequantize(c, m.scale, m.zero.float(), m.group_size)
-                loss = lm_loss(model, tokens[i:i + 1].to(device), teacher)   # cross-entropy, or KL to the teacher
+                with cast():
+                    loss = lm_loss(model, tokens[i:i + 1].to(device), teacher)   # cross-entropy, or KL to the teacher
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"end-to-end stage: the loss became {loss.item()} at step {len(log)}; "
                                              f"lower --e2e-lr-scale / --e2e-lr-lora")

@@ -78,3 +78,25 @@ def test_end_to_end_distils_full_precision(tiny_ckpt, tmp_path, data_dir):
         assert after < lm_loss(m_plain, x, fp).item() - 1e-3
     log = json.loads((tmp_path / "kd" / "calib_log.json").read_text())
     assert log["config"]["e2e_loss"] == "kd" and abs(log["end_to_end"][0]["loss"] - before) < 1e-3 * max(1, before)
+
+
+def test_end_to_end_in_bf16_runs_under_autocast(tiny_ckpt, tmp_path, data_dir):
+    """calibrate.py --dtype bf16: the stage's matmuls run in bf16 (as the block-wise pass's do), its
+    trained scales stay fp32, and its first loss is the fp32 stage's within bf16's rounding."""
+    import copy
+    from e2e import end_to_end
+    from lora import quant_linears
+    calibrate(tiny_ckpt, tmp_path / "plain", data_dir)
+    m16, tok = load_quantized(tmp_path / "plain")
+    m32 = copy.deepcopy(m16)
+    x = calib_windows(tok, 4, 64, 0, "wikitext2", str(data_dir))
+    seen = []
+    lin = list(quant_linears(m16))[-1][1]
+    hook = lin.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    log16 = end_to_end(m16, x, 1, 1e-3, 1e-3, dtype=torch.bfloat16)
+    hook.remove()
+    log32 = end_to_end(m32, x, 1, 1e-3, 1e-3)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert abs(log16[0]["loss"] - log32[0]["loss"]) < 0.02 * log32[0]["loss"]
+    assert all(m.scale.dtype == torch.float32 for _, m in quant_linears(m16))
+    assert not all(torch.equal(a.scale, b.scale) for (_, a), (_, b) in zip(quant_linears(m16), quant_linears(m32)))
