@@ -39,7 +39,8 @@ Rows (--rows, space-separated): METHOD or METHOD:SETTING=VALUE,... (a bare SETTI
              68k tokens of the local WikiText-2 train text)
   autoround  auto-round: its defaults, iters=200 (its "light" recipe: iters=50), lr 1/iters, batch_size=8,
              amp (bf16 on the CPU), compile (torch.compile: its default); nsamples=32, seqlen=512 by
-             default here (its own 128 x 2048 exceeds the local text): chosen per time budget on the tuning set
+             default here (its own 128 x 2048 exceeds the local text): chosen per time budget on the tuning set;
+             seed=k: the calibration windows of calibrate.py --seed k, its own seed 42 + k (default 0: 42)
   apiq, apiq-lw, loftq, qlora, rtn
              calibrate.py --method bw / lw / loftq / qlora / rtn with the settings as flags
              (apiq:quick,rank=8 -> calibrate.py --method bw --quick --rank 8)
@@ -83,7 +84,7 @@ METHODS = ("fp", "rtn", "qlora", "loftq", "apiq-lw", "apiq", *PEERS)
 DEFAULTS = {  # each peer's documented preset, in the names the rows use
     "hqq": {},
     "gptq": dict(damp=0.05, act_group_aware=1, desc_act=0, nsamples=128, seqlen=512),
-    "autoround": dict(iters=200, lr=None, batch_size=8, amp=1, compile=None, nsamples=32, seqlen=512),
+    "autoround": dict(iters=200, lr=None, batch_size=8, amp=1, compile=None, nsamples=32, seqlen=512, seed=0),
 }
 SMOKE = {  # --smoke: the same code paths on tiny budgets (numbers meaningless)
     "gptq": dict(nsamples=4, seqlen=512),   # 2048 tokens: more than the 1536 inputs of w2, else H is singular
@@ -484,11 +485,11 @@ def quantize_autoround(fp_model, tok, bits, s, a):
     from auto_round import AutoRound
 
     from data import calib_windows
-    windows = calib_windows(tok, s["nsamples"], s["seqlen"], seed=0)             # (n, T)
+    windows = calib_windows(tok, s["nsamples"], s["seqlen"], seed=s.get("seed", 0))   # (n, T), ApiQ-bw's for one seed
     hf = to_hf(fp_model)
     kw = dict(bits=bits, group_size=GROUP, sym=False, dataset=list(windows.split(s["batch_size"])),  # [(b, T), ...]
               nsamples=s["nsamples"], seqlen=s["seqlen"], iters=s["iters"], lr=s["lr"],
-              batch_size=s["batch_size"], device_map="cpu", amp=bool(s["amp"]))
+              batch_size=s["batch_size"], device_map="cpu", amp=bool(s["amp"]), seed=AUTOROUND_SEED + s.get("seed", 0))
     if s["compile"] is not None:
         kw["enable_torch_compile"] = bool(s["compile"])
     ar = AutoRound(hf, tokenizer=hf_tokenizer(), **kw)
@@ -508,6 +509,7 @@ def quantize_autoround(fp_model, tok, bits, s, a):
                      f"torch.compile {'default' if s['compile'] is None else bool(s['compile'])}", 0.0, dict(g_idx=True))
 
 
+AUTOROUND_SEED = 42   # AutoRound's default seed; a row's seed=k shifts it and the calibration windows' (0 -> 0) by k
 QUANTIZE = {"hqq": quantize_hqq, "gptq": quantize_gptq, "autoround": quantize_autoround}
 
 

@@ -19,6 +19,7 @@ def test_rows_name_the_settings_they_change():
     assert r["name"] == "autoround-iters50-seqlen256"
     assert r["settings"] == bench_peers.DEFAULTS["autoround"] | {"iters": 50, "seqlen": 256}
     assert bench_peers.parse_row("autoround:iters=200")["name"] == "autoround"       # its default: no change
+    assert bench_peers.parse_row("autoround:iters=50,seed=1")["name"] == "autoround-iters50-seed1"   # a second seed
     assert bench_peers.parse_row("gptq:damp=0.01")["settings"]["damp"] == 0.01
     a = bench_peers.parse_row("apiq:quick,rank=8,lr_lora=1e-3")
     assert a["name"] == "apiq-quick-rank8-lr_lora0.001"
