@@ -86,6 +86,7 @@ DEFAULTS = {  # each peer's documented preset, in the names the rows use
     "gptq": dict(damp=0.05, act_group_aware=1, desc_act=0, nsamples=128, seqlen=512),
     "autoround": dict(iters=200, lr=None, batch_size=8, amp=1, compile=None, nsamples=32, seqlen=512, seed=0),
 }
+AUTOROUND_SEED = 42   # AutoRound's own default; a row's seed=k: the windows of seed k, AutoRound's seed 42 + k
 SMOKE = {  # --smoke: the same code paths on tiny budgets (numbers meaningless)
     "gptq": dict(nsamples=4, seqlen=512),   # 2048 tokens: more than the 1536 inputs of w2, else H is singular
     "autoround": dict(nsamples=4, seqlen=64, iters=2, batch_size=2),
@@ -509,7 +510,6 @@ def quantize_autoround(fp_model, tok, bits, s, a):
                      f"torch.compile {'default' if s['compile'] is None else bool(s['compile'])}", 0.0, dict(g_idx=True))
 
 
-AUTOROUND_SEED = 42   # AutoRound's default seed; a row's seed=k shifts it and the calibration windows' (0 -> 0) by k
 QUANTIZE = {"hqq": quantize_hqq, "gptq": quantize_gptq, "autoround": quantize_autoround}
 
 
