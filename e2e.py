@@ -19,7 +19,6 @@ one epoch, batch 32). The stage is short against the block-wise pass and is not 
 run killed inside it replays the saved blocks and runs the stage again.
 """
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -62,8 +61,7 @@ def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=N
     total = epochs * len(tokens)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor("cosine", k, total))
     model.to(device).train()
-    device = next(model.parameters()).device
-    cast = nullcontext if dtype == torch.float32 else lambda: torch.autocast(device.type, dtype=dtype)
+    cast = lambda: torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     log, bar = [], tqdm(total=total, desc="end to end", unit="step", mininterval=1.0)
     try:
         for _ in range(epochs):

@@ -486,11 +486,12 @@ def quantize_autoround(fp_model, tok, bits, s, a):
     from auto_round import AutoRound
 
     from data import calib_windows
-    windows = calib_windows(tok, s["nsamples"], s["seqlen"], seed=s.get("seed", 0))   # (n, T), ApiQ-bw's for one seed
+    seed = s.get("seed", 0)                                                      # rows tuned before it: 0
+    windows = calib_windows(tok, s["nsamples"], s["seqlen"], seed=seed)          # (n, T), ApiQ-bw's for one seed
     hf = to_hf(fp_model)
     kw = dict(bits=bits, group_size=GROUP, sym=False, dataset=list(windows.split(s["batch_size"])),  # [(b, T), ...]
               nsamples=s["nsamples"], seqlen=s["seqlen"], iters=s["iters"], lr=s["lr"],
-              batch_size=s["batch_size"], device_map="cpu", amp=bool(s["amp"]), seed=AUTOROUND_SEED + s.get("seed", 0))
+              batch_size=s["batch_size"], device_map="cpu", amp=bool(s["amp"]), seed=AUTOROUND_SEED + seed)
     if s["compile"] is not None:
         kw["enable_torch_compile"] = bool(s["compile"])
     ar = AutoRound(hf, tokenizer=hf_tokenizer(), **kw)
