@@ -28,7 +28,6 @@ import json
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
@@ -37,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fastpath
-from cli import (DEFAULT_DEVICE, DTYPES, arg, as_flags, check_device, check_writable, default_dtype, parse_config,
-                 peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
+from cli import (DEFAULT_DEVICE, DTYPES, arg, as_flags, check_device, check_writable, compute_in, default_dtype,
+                 parse_config, peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
 from data import CALIBRATION_SETS, calib_windows
 from e2e import end_to_end
 from llama import LINEARS, check_seqlen
@@ -54,9 +53,8 @@ from scaleout import activation_home, release_pages, to_host
 
 
 def autocast_like(x):
-    """Autocast to x's dtype where it is bf16 / fp16 (weights and cached activations in that dtype,
-    matmuls under autocast, CUDA and CPU alike), nothing in fp32."""
-    return nullcontext() if x.dtype == torch.float32 else torch.autocast(x.device.type, dtype=x.dtype)
+    """The matmuls at x's dtype: weights and cached activations are stored in it (cli.compute_in)."""
+    return compute_in(x.device, x.dtype)
 
 
 def bw_objective(qblock, xq, y, freqs, y_aug=None, penalty=None, l=0):

@@ -33,6 +33,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # every script's --device default
 
 
+def compute_in(device, dtype):
+    """Where the matmuls run at `dtype` (--dtype): autocast on `device`'s type for bf16 / fp16, CUDA and
+    CPU alike; a disabled context in fp32. The block-wise pass and the end-to-end stage both enter it."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def default_dtype(device) -> str:
     """--dtype when it is not given, the one place the scripts' default is set: it follows --device,
     bf16 on a GPU, fp32 on the CPU (`--device cpu` on a machine with a GPU is fp32, like the same

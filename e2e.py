@@ -23,6 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from cli import compute_in
 from finetune import lm_loss
 from lora import quant_linears
 from quant import dequantize, unpack
@@ -61,7 +62,6 @@ def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=N
     total = epochs * len(tokens)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor("cosine", k, total))
     model.to(device).train()
-    cast = lambda: torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     log, bar = [], tqdm(total=total, desc="end to end", unit="step", mininterval=1.0)
     try:
         for _ in range(epochs):
@@ -69,7 +69,7 @@ def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=N
                 t0 = time.time()
                 for m, c in zip(lins, codes):          # (out, in): Q(W) from the fixed codes, eq. (6)
                     m.q_cache = dequantize(c, m.scale, m.zero.float(), m.group_size)
-                with cast():
+                with compute_in(device, dtype):
                     loss = lm_loss(model, tokens[i:i + 1].to(device), teacher)   # cross-entropy, or KL to the teacher
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"end-to-end stage: the loss became {loss.item()} at step {len(log)}; "
