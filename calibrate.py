@@ -390,6 +390,8 @@ def check_config(cfg):
         raise ValueError("--nsamples, --seqlen, --epochs, --batch-size and --loftq-iters must be positive, --rank >= 0")
     if cfg.e2e_epochs < 0 or cfg.e2e_lr_scale < 0 or cfg.e2e_lr_lora < 0:
         raise ValueError("--e2e-epochs, --e2e-lr-scale and --e2e-lr-lora must be >= 0")
+    if cfg.e2e_epochs and cfg.e2e_lr_scale == 0 and cfg.e2e_lr_lora == 0:   # said before the block-wise pass
+        raise ValueError("--e2e-epochs with --e2e-lr-scale 0 and --e2e-lr-lora 0 trains nothing: give one a rate")
     if cfg.e2e_epochs and cfg.method in INITS:
         raise ValueError(f"--e2e-epochs trains on the calibration windows: --method bw or lw, not {cfg.method}")
     if cfg.rank == 0 and cfg.method not in ("rtn",):

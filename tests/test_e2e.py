@@ -61,6 +61,14 @@ def test_end_to_end_needs_calibration_data(tiny_ckpt, tmp_path):
     assert run.returncode == 2 and "--e2e-epochs" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_end_to_end_with_nothing_to_train_is_refused_before_calibrating(tiny_ckpt, tmp_path):
+    run = subprocess.run([sys.executable, "calibrate.py", "--ckpt", str(tiny_ckpt), "--e2e-epochs", "1",
+                          "--e2e-lr-scale", "0", "--e2e-lr-lora", "0", "--out", str(tmp_path / "x")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "trains nothing" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x").exists()                       # refused before a block was calibrated
+
+
 def test_end_to_end_distils_full_precision(tiny_ckpt, tmp_path, data_dir):
     """--e2e-loss kd: the stage trains on the KL to the full-precision model's next-token distribution;
     after it that KL on the trained windows is lower than after the block-wise pass alone, and its
