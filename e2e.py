@@ -32,17 +32,6 @@ from recipes import lr_factor
 MAX_GRAD_NORM = 0.3   # EfficientQAT's E2E-QP scripts (--max_grad_norm 0.3)
 
 
-def trained_groups(lins, lr_scale, lr_lora) -> list:
-    """AdamW's parameter groups of the stage: the scales of `lins` at lr_scale, their A and B at
-    lr_lora; a rate of 0 leaves its group out (those parameters stay fixed)."""
-    scales = [m.scale for m in lins] if lr_scale > 0 else []
-    lora = [p for m in lins for p in m.lora_parameters()] if lr_lora > 0 else []
-    groups = [g for g in ({"params": scales, "lr": lr_scale}, {"params": lora, "lr": lr_lora}) if g["params"]]
-    if not groups:
-        raise ValueError("end-to-end stage: nothing to train (--e2e-lr-scale and --e2e-lr-lora are both 0)")
-    return groups
-
-
 def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=None, dtype=torch.float32) -> list:
     """Train every frozen QuantLinear's scale (and A, B where lr_lora > 0) of `model` on windows
     `tokens` (n, T) for `epochs` passes, one window a step in fixed order, on next-token cross-
@@ -52,9 +41,12 @@ def end_to_end(model, tokens, epochs, lr_scale, lr_lora, device="cpu", teacher=N
     block-wise pass's do. The model ends where it was, in eval mode. Returns the log: loss, the
     step's seconds."""
     lins = [m for _, m in quant_linears(model)]
-    groups = trained_groups(lins, lr_scale, lr_lora)
-    scales = groups[0]["params"] if lr_scale > 0 else []
-    params = [p for g in groups for p in g["params"]]
+    scales = [m.scale for m in lins] if lr_scale > 0 else []
+    lora = [p for m in lins for p in m.lora_parameters()] if lr_lora > 0 else []
+    groups = [g for g in ({"params": scales, "lr": lr_scale}, {"params": lora, "lr": lr_lora}) if g["params"]]
+    params = scales + lora
+    if not params:   # calibrate.py refuses this before the block-wise pass; a direct caller gets the same line
+        raise ValueError("end-to-end stage: nothing to train (--e2e-lr-scale and --e2e-lr-lora are both 0)")
     # trained scales: Q(W) made from the fixed codes in every step, differentiable in the scale (its
     # gradient needs dL/dQ(W) of every linear: a step costs ~3 forwards); fixed scales: Q(W) once
     codes = [unpack(m.codes, m.bits, (m.out_features, m.in_features)) for m in lins] if scales else []  # uint8
