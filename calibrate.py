@@ -38,7 +38,7 @@ from tqdm import tqdm
 import fastpath
 from cli import (DEFAULT_DEVICE, DTYPES, arg, as_flags, check_device, check_writable, compute_in, default_dtype,
                  parse_config, peak_memory_gib, reset_peak_memory, result_settings, run, write_json)
-from data import CALIBRATION_SETS, calib_windows
+from data import CALIBRATION_SETS, c4_windows, calib_windows
 from e2e import end_to_end
 from llama import LINEARS, check_seqlen
 from lora import QuantLinear, quant_linears, swap_linears
@@ -343,8 +343,10 @@ class Config:
                         choices=("ce", "kd"))
     lora_init: str = arg("standard", "A, B at the start of a block: standard (A random, B = 0; paper) or svd "
                          "(rank-r SVD of W - Q(W), one LoftQ step)", choices=("standard", "svd"))
-    dataset: str = arg("wikitext2", "calibration text: WikiText-2 train (paper), C4, or half each (the C4 half from "
+    dataset: str = arg("wikitext2", "calibration text: WikiText-2 train (paper), C4, or a mix (--c4-share; the C4 part from "
                        "documents no test window and no tuning window touches)", choices=CALIBRATION_SETS)
+    c4_share: Optional[float] = arg(None, "--dataset wikitext2+c4: the share of the windows drawn from C4, the rest "
+                                    "WikiText-2 train's (default: half)", type=float)
     saliency: Optional[str] = arg(None, "saliency directory from saliency.py: adds the penalty of Cao & Aref eq. (2)")
     sal_lambda: float = arg(1.0, "penalty strength lambda")
     sal_multiplier: float = arg(1.0, "lambda_l = lambda * multiplier^l")
@@ -390,6 +392,10 @@ def check_config(cfg):
         raise ValueError("--nsamples, --seqlen, --epochs, --batch-size and --loftq-iters must be positive, --rank >= 0")
     if cfg.e2e_epochs < 0 or cfg.e2e_lr_scale < 0 or cfg.e2e_lr_lora < 0:
         raise ValueError("--e2e-epochs, --e2e-lr-scale and --e2e-lr-lora must be >= 0")
+    if cfg.c4_share is not None and cfg.dataset != "wikitext2+c4":
+        raise ValueError(f"--c4-share mixes the two texts of --dataset wikitext2+c4, not --dataset {cfg.dataset}")
+    if cfg.dataset == "wikitext2+c4":
+        c4_windows(cfg.nsamples, cfg.c4_share)                  # a share that leaves a text no window: said now
     if cfg.e2e_epochs and cfg.e2e_lr_scale == 0 and cfg.e2e_lr_lora == 0:   # said before the block-wise pass
         raise ValueError("--e2e-epochs with --e2e-lr-scale 0 and --e2e-lr-lora 0 trains nothing: give one a rate")
     if cfg.e2e_epochs and cfg.method in INITS:
@@ -425,7 +431,7 @@ def main(cfg: Config):
         quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha, cfg.loftq_iters,
                        device=cfg.device, cache=False)
     else:
-        tokens = calib_windows(tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.data_dir)  # (n, T)
+        tokens = calib_windows(tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.data_dir, cfg.c4_share)  # (n, T)
         penalty = make_penalty(model, cfg.saliency, cfg.sal_lambda, cfg.sal_multiplier, cfg.sal_variant,
                                cfg.weight_penalty, cfg.sal_ratio)
         logs = calibrate_blocks(model, tokens, cfg, out, done, penalty)

@@ -158,12 +158,24 @@ def ppl_windows(name, tok, seqlen=2048, data_dir=None) -> torch.Tensor:
     raise ValueError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS + (TUNING, TUNING_C4))}")
 
 
-def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", data_dir=None) -> torch.Tensor:
+def c4_windows(nsamples: int, c4_share=None) -> int:
+    """How many of nsamples mixed calibration windows are C4's: int(nsamples * c4_share), half for None;
+    at least one window of each text."""
+    n = nsamples // 2 if c4_share is None else int(nsamples * c4_share)
+    if not 0 < n < nsamples:
+        raise ValueError(f"a C4 share of {c4_share} of {nsamples} windows leaves one of the two texts no window: "
+                         f"choose it in (0, 1) with at least one window each")
+    return n
+
+
+def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", data_dir=None,
+                  c4_share=None) -> torch.Tensor:
     """Calibration windows (nsamples, seqlen), docs/method.md §4: WikiText-2 train joined with '\\n\\n',
     window starts drawn with random.randint(0, N - seqlen - 1) from random.seed(seed); C4: GPTQ's
     sampler over the documents that no C4 test window touches (c4_eval_docs). wikitext2+c4 (beyond
-    the paper): the first nsamples - nsamples // 2 windows WikiText-2 train's, the rest C4's from the
-    documents that neither a test window nor the tuning set's C4 part touches (c4_tuning_stream)."""
+    the paper): the last c4_windows(nsamples, c4_share) windows C4's (None: half), from the documents
+    that neither a test window nor the tuning set's C4 part touches (c4_tuning_stream), the first ones
+    WikiText-2 train's (the same windows as --dataset wikitext2 draws)."""
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be positive")
     if dataset in ("c4", "wikitext2+c4"):        # documents no C4 test window (and, mixed, no tuning window) touches
@@ -171,7 +183,7 @@ def calib_windows(tok, nsamples=128, seqlen=2048, seed=0, dataset="wikitext2", d
         held = c4_eval_docs(tok, docs)
         if dataset == "wikitext2+c4":
             held = held | set(c4_tuning_stream(tok, docs, held=held)[1])
-        n = nsamples if dataset == "c4" else nsamples // 2
+        n = nsamples if dataset == "c4" else c4_windows(nsamples, c4_share)
         c4 = random_doc_windows(tok, [d for i, d in enumerate(docs) if i not in held], n, seqlen, seed)[0]
         if dataset == "c4":
             return c4

@@ -83,6 +83,10 @@ def test_mixed_calibration_text_shares_no_text_with_tuning_or_test_windows(smoll
         assert not any(tuple(s.tolist()) in seen for s in w.unfold(0, 64, 1))
     c4 = calib_windows(tok, 8, 512, 0, "c4", data_dir)     # --dataset c4 (the paper's) may draw tuning documents
     assert not torch.equal(c4[:4], mixed[4:])
+    quarter = calib_windows(tok, 8, 512, 0, "wikitext2+c4", data_dir, c4_share=0.25)   # --c4-share 0.25
+    assert torch.equal(quarter[:6], calib_windows(tok, 6, 512, 0, "wikitext2", data_dir))
+    for w in quarter[6:]:
+        assert not any(tuple(s.tolist()) in seen for s in w.unfold(0, 64, 1))
 
 
 def test_finetune_text_with_validation_is_train_then_validation_never_test(smollm2, data_dir):
