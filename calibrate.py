@@ -355,7 +355,8 @@ class Config:
     sal_ratio: Optional[float] = arg(None, "beyond the paper, scale-free: lambda_l set so that the penalty is this "
                                      "times the block's output MSE at its start (replaces --sal-lambda)", type=float)
     dtype: Optional[str] = arg(None, "weights and cached activations (default bf16 on a GPU, fp32 on the CPU); "
-                               "bf16/fp16 also on CPU (slow there, the same code path as on a GPU)",
+                               "bf16/fp16 also on the CPU, the GPU's code path (bf16: ~1.5x faster than fp32 where the "
+                               "CPU has bf16 instructions, slower where not; RESULTS.md)",
                                choices=tuple(DTYPES), type=str)
     quick: bool = arg(False, f"the CPU recipe (SmolLM2: < 10 min on one core): {as_flags(QUICK)}", result=False)
     long: bool = arg(False, f"the long CPU recipe (SmolLM2: ~1 h on one core): {as_flags(LONG)}", result=False)

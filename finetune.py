@@ -139,14 +139,15 @@ def step_windows(cfg, n, step) -> torch.Tensor:
 
 def train(cfg, model, data, teacher, out, settings):
     """Optimizer steps from where OUT's checkpoint left off to the last, on windows (n, seqlen) or
-    a list of examples.Encoded; returns (log, seconds). A step's loss is the mean over all the
+    a list of examples.Encoded; returns (log, seconds, peak memory in GiB), the seconds and the peak
+    over every process that worked on it (a resumed run's first ones from the checkpoint). A step's loss is the mean over all the
     positions it predicts (a window's every one, an example's answer tokens), whatever passes they
     fall into."""
     params = {f"{n}.{k}": getattr(m, k) for n, m in adapters(model).items() for k in ("A", "B")}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.wd)
     per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
     total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
-    start, log, spent = resume_finetune(out, settings, params, opt)
+    start, log, spent, peak_before = resume_finetune(out, settings, params, opt)
     bar = tqdm(total=total, initial=start, desc="finetune", unit="step")
     t0 = time.time() - spent
     for step in range(start, total):
@@ -175,9 +176,10 @@ def train(cfg, model, data, teacher, out, settings):
         bar.update(1)
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            save_checkpoint(out, step + 1, settings, params, opt, log, time.time() - t0)
+            save_checkpoint(out, step + 1, settings, params, opt, log, time.time() - t0,
+                            max(peak_before, peak_memory_gib(cfg.device)))
     bar.close()
-    return log, time.time() - t0
+    return log, time.time() - t0, max(peak_before, peak_memory_gib(cfg.device))
 
 
 # ---- the model, the checkpoint, the output
@@ -450,8 +452,7 @@ def main(cfg: Config):
     if before:
         report("before", before)
     reset_peak_memory(cfg.device)
-    log, seconds = train(cfg, model, data, teacher, out, settings)
-    peak = peak_memory_gib(cfg.device)
+    log, seconds, peak = train(cfg, model, data, teacher, out, settings)
     after = held_out(model, tok, cfg)
     report(f"after {len(log)} steps ({seconds / 60:.1f} min)", after)
     summary = {"steps": len(log), "seconds": round(seconds, 1), "eval": after}

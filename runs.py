@@ -202,15 +202,16 @@ def check_saliency(path, model) -> dict:
 
 # ---- finetune.py: checkpoints
 
-def resume_finetune(out: Path, settings: dict, params: dict, opt) -> tuple[int, list, float]:
-    """(first step, log so far, seconds spent) of an earlier run of the same settings in OUT, its
-    adapters and optimizer state loaded; (0, [], 0) for a fresh start."""
+def resume_finetune(out: Path, settings: dict, params: dict, opt) -> tuple[int, list, float, float]:
+    """(first step, log so far, seconds spent, peak memory in GiB of the processes so far) of an earlier
+    run of the same settings in OUT, its adapters and optimizer state loaded; (0, [], 0, 0) for a fresh
+    start."""
     refuse_finished(out, "finetune_log.json", "finetuning")
     ckpt = out / "checkpoint.pt"
     if not ckpt.exists():
         if (out / "apiq.json").exists():
             raise ValueError(f"{out} holds a model that this finetuning did not make: choose another --out")
-        return 0, [], 0.0
+        return 0, [], 0.0, 0.0
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         old_settings = state["settings"]
@@ -223,10 +224,10 @@ def resume_finetune(out: Path, settings: dict, params: dict, opt) -> tuple[int, 
             p.copy_(state["adapters"][name])
     opt.load_state_dict(state["optimizer"])
     print(f"resuming {out}: step {state['step']} done")
-    return state["step"], state["log"], state["seconds"]
+    return state["step"], state["log"], state["seconds"], state.get("peak_gib", 0.0)   # older checkpoints: none
 
 
-def save_checkpoint(out, step, settings, params, opt, log, seconds):
+def save_checkpoint(out, step, settings, params, opt, log, seconds, peak_gib=0.0):
     state = {"step": step, "settings": settings, "adapters": {k: p.detach().cpu() for k, p in params.items()},
-             "optimizer": opt.state_dict(), "log": log, "seconds": seconds}
+             "optimizer": opt.state_dict(), "log": log, "seconds": seconds, "peak_gib": peak_gib}
     atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))

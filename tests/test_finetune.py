@@ -91,6 +91,27 @@ def test_a_crash_resumes_to_the_identical_result(tiny_qlora, tmp_path, monkeypat
         finetune.main(config(tiny_qlora, tmp_path / "other"))
 
 
+def test_peak_memory_counts_the_processes_that_trained(tiny_qlora, tmp_path, monkeypatch):
+    """A run stopped after its last step's checkpoint (in the scoring after it) and resumed reports the
+    training processes' peak memory, which the checkpoint carries, not only the resumed scorer's."""
+    import finetune
+    real = finetune.held_out
+
+    def stop(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune, "held_out", stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(config(tiny_qlora, tmp_path / "ft"))
+    ckpt = tmp_path / "ft" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 6 and state["peak_gib"] > 0                # the training process's, recorded
+    state["peak_gib"] = 1e6                                             # as if a larger process had trained
+    torch.save(state, ckpt)
+    monkeypatch.setattr(finetune, "held_out", real)
+    finetune.main(config(tiny_qlora, tmp_path / "ft"))
+    assert json.loads((tmp_path / "ft" / "finetune_log.json").read_text())["peak_gib"] == 1e6
+
+
 def test_losses_against_evaluate_and_kd_of_a_model_with_itself(tiny_ckpt, data_dir):
     import finetune
     from checkpoints import load
