@@ -140,9 +140,9 @@ def step_windows(cfg, n, step) -> torch.Tensor:
 def train(cfg, model, data, teacher, out, settings):
     """Optimizer steps from where OUT's checkpoint left off to the last, on windows (n, seqlen) or
     a list of examples.Encoded; returns (log, seconds, peak memory in GiB), the seconds and the peak
-    over every process that worked on it (a resumed run's first ones from the checkpoint). A step's loss is the mean over all the
-    positions it predicts (a window's every one, an example's answer tokens), whatever passes they
-    fall into."""
+    over every process that worked on it (a resumed run's earlier ones from the checkpoint). A step's
+    loss is the mean over all the positions it predicts (a window's every one, an example's answer
+    tokens), whatever passes they fall into."""
     params = {f"{n}.{k}": getattr(m, k) for n, m in adapters(model).items() for k in ("A", "B")}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.wd)
     per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
