@@ -343,8 +343,8 @@ class Config:
                         choices=("ce", "kd"))
     lora_init: str = arg("standard", "A, B at the start of a block: standard (A random, B = 0; paper) or svd "
                          "(rank-r SVD of W - Q(W), one LoftQ step)", choices=("standard", "svd"))
-    dataset: str = arg("wikitext2", "calibration text: WikiText-2 train (paper), C4, or a mix (--c4-share; the C4 part from "
-                       "documents no test window and no tuning window touches)", choices=CALIBRATION_SETS)
+    dataset: str = arg("wikitext2", "calibration text: WikiText-2 train (paper), C4, or a mix (--c4-share; the C4 "
+                       "part from documents no test window and no tuning window touches)", choices=CALIBRATION_SETS)
     c4_share: Optional[float] = arg(None, "--dataset wikitext2+c4: the share of the windows drawn from C4, the rest "
                                     "WikiText-2 train's (default: half)", type=float)
     saliency: Optional[str] = arg(None, "saliency directory from saliency.py: adds the penalty of Cao & Aref eq. (2)")
@@ -432,7 +432,8 @@ def main(cfg: Config):
         quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.lora_alpha, cfg.loftq_iters,
                        device=cfg.device, cache=False)
     else:
-        tokens = calib_windows(tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.data_dir, cfg.c4_share)  # (n, T)
+        tokens = calib_windows(tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.dataset, cfg.data_dir,
+                               cfg.c4_share)                                                        # (n, T)
         penalty = make_penalty(model, cfg.saliency, cfg.sal_lambda, cfg.sal_multiplier, cfg.sal_variant,
                                cfg.weight_penalty, cfg.sal_ratio)
         logs = calibrate_blocks(model, tokens, cfg, out, done, penalty)
